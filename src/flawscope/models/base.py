@@ -1,0 +1,176 @@
+"""The one interface every anomaly-detection method implements.
+
+A model learns "normal" from good images (:meth:`AnomalyModel.fit`) and turns a batch of
+images into one score per image plus one anomaly map per image
+(:meth:`AnomalyModel.score_batch`). Everything else in flawscope (evaluation, reports,
+thresholds, the CLI, the service) talks only to this interface, so a new method is one module
+in this package that subclasses :class:`AnomalyModel` and is decorated with
+:func:`flawscope.models.register`.
+
+Conventions every model follows:
+
+- Input images are float tensors ``(B, 3, S, S)`` with values in [0, 1], where
+  ``S = config.image_size``; each model does its own normalization inside.
+- ``score_batch`` returns ``(scores (B,), maps (B, h, w))``; maps may be at any resolution,
+  callers resize them bilinearly. Higher means more anomalous.
+- Everything needed to score again after loading lives in ``state_tensors()`` (saved as
+  safetensors) and ``config`` / ``extra_state()`` (saved as JSON). No pickle, ever.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..data import image_to_tensor
+from ..errors import FlawscopeError
+
+
+class AnomalyModel(ABC):
+    """Base class of all models; see the module docstring for the contract."""
+
+    #: Registry name, used on the command line (``--model NAME``) and in saved manifests.
+    name: ClassVar[str]
+    #: A dataclass of hyper-parameters with defaults; must have ``image_size`` and ``seed``.
+    Config: ClassVar[type]
+    #: Named sets of overrides of ``Config`` fields, e.g. ``{"fast": {...}, "paper": {...}}``.
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: Preset used when the user names none (None = the Config defaults).
+    default_preset: ClassVar[str | None] = None
+
+    def __init__(self, config: Any | None = None):
+        self.config = config if config is not None else self.Config()
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_settings(cls, preset: str | None = None,
+                      overrides: Mapping[str, Any] | None = None) -> AnomalyModel:
+        """A new, unfitted model from a preset name plus field overrides (strings allowed)."""
+        preset = preset if preset is not None else cls.default_preset
+        values: dict[str, Any] = {}
+        if preset is not None:
+            if preset not in cls.presets:
+                known = ", ".join(sorted(cls.presets)) or "none"
+                raise FlawscopeError(f"model {cls.name!r} has no preset {preset!r} "
+                                     f"(presets: {known})")
+            values.update(cls.presets[preset])
+        values.update(coerce_overrides(cls.Config, overrides or {}))
+        model = cls(cls.Config(**values))
+        model.preset = preset
+        return model
+
+    preset: str | None = None
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config.image_size)
+
+    def config_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)
+
+    # ----------------------------------------------------------------- the contract
+    @abstractmethod
+    def fit(self, images: torch.utils.data.Dataset, workdir: Path | None = None) -> None:
+        """Learn normal appearance from good images.
+
+        ``images`` yields ``(3, S, S)`` tensors in [0, 1]. ``workdir``, when given, is where
+        the model may write checkpoints (to resume an interrupted fit) and training pictures.
+        """
+
+    @abstractmethod
+    def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, 3, S, S)`` in [0, 1] -> ``(scores (B,), anomaly maps (B, h, w))``."""
+
+    @abstractmethod
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every fitted tensor needed to score, by name (saved with safetensors)."""
+
+    @abstractmethod
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_tensors` on a model built from the same config."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """JSON-serializable fitted state that is not a tensor (default: none)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`extra_state`."""
+
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor | None:
+        """For models that reconstruct their input: the reconstruction in [0, 1], else None."""
+        return None
+
+    # ----------------------------------------------------------------- shared helpers
+    @torch.no_grad()
+    def score_tensor(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and maps resized to the input's resolution ``(B, S, S)``, as float32."""
+        scores, maps = self.score_batch(images)
+        maps = resize_maps(maps, images.shape[-2:])
+        return scores.float().reshape(-1), maps
+
+    def score(self, images: Iterable[Image.Image],
+              batch_size: int = 8) -> list[tuple[float, np.ndarray]]:
+        """Score PIL images: per image ``(score, map)`` with the map at the image's own size."""
+        results: list[tuple[float, np.ndarray]] = []
+        batch: list[Image.Image] = []
+
+        def flush() -> None:
+            x = torch.stack([image_to_tensor(im.convert("RGB"), self.image_size) for im in batch])
+            scores, maps = self.score_tensor(x)
+            for im, s, m in zip(batch, scores, maps, strict=True):
+                full = resize_maps(m[None], (im.height, im.width))[0]
+                results.append((float(s), full.numpy()))
+            batch.clear()
+
+        for im in images:
+            batch.append(im)
+            if len(batch) == batch_size:
+                flush()
+        if batch:
+            flush()
+        return results
+
+
+def resize_maps(maps: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Bilinear resize of ``(B, h, w)`` maps to ``size``; float32 out."""
+    maps = maps.float()
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear",
+                         align_corners=False)[:, 0]
+
+
+def coerce_overrides(config_cls: type, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Check override names against the Config fields and convert strings to field types."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key not in fields:
+            raise FlawscopeError(f"unknown setting {key!r}; settings: {', '.join(sorted(fields))}")
+        default = fields[key].default
+        if isinstance(value, str) and default is not dataclasses.MISSING and default is not None:
+            try:
+                if isinstance(default, bool):
+                    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError(value)
+                    value = value.lower() in ("true", "1", "yes")
+                elif isinstance(default, int):
+                    value = int(value)
+                elif isinstance(default, float):
+                    value = float(value)
+                elif isinstance(default, (tuple, list)):
+                    inner = type(default[0]) if default else str
+                    value = type(default)(inner(v) for v in value.split(",") if v)
+            except ValueError:
+                raise FlawscopeError(f"setting {key}={value!r}: expected a value like "
+                                     f"{default!r}") from None
+        out[key] = value
+    return out

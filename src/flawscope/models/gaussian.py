@@ -1,0 +1,74 @@
+"""``gaussian``: a per-pixel Gaussian model of the good images, the honest baseline.
+
+Each pixel (and channel) of the resized good images gets a mean and a standard deviation;
+the anomaly map of a new image is the absolute z-score averaged over channels and smoothed
+with a Gaussian filter, and the image score is the map's maximum. There is no alignment, so
+it only works where parts are photographed in the same pose: it is here to prove the
+pipeline and to show what the learned models must beat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchvision.transforms.functional import gaussian_blur
+
+from . import register
+from .base import AnomalyModel
+
+
+@dataclass
+class GaussianConfig:
+    image_size: int = 128
+    #: Smoothing of the z-score map, in pixels at ``image_size``.
+    sigma: float = 2.0
+    #: Floor on the per-pixel standard deviation, in [0, 1] intensity units, so that pixels
+    #: that never vary in training do not give infinite z-scores.
+    min_std: float = 0.02
+    batch_size: int = 32
+    seed: int = 0
+
+
+@register
+class GaussianModel(AnomalyModel):
+    name = "gaussian"
+    Config = GaussianConfig
+    presets = {"fast": {}, "paper": {}}
+
+    def __init__(self, config: GaussianConfig | None = None):
+        super().__init__(config)
+        size = self.config.image_size
+        self.mean = torch.zeros(3, size, size)
+        self.std = torch.ones(3, size, size)
+
+    def fit(self, images: torch.utils.data.Dataset, workdir: Path | None = None) -> None:
+        loader = torch.utils.data.DataLoader(images, batch_size=self.config.batch_size)
+        total = torch.zeros_like(self.mean, dtype=torch.float64)
+        total_sq = torch.zeros_like(total)
+        count = 0
+        for batch in loader:
+            batch = batch.double()
+            total += batch.sum(0)
+            total_sq += (batch * batch).sum(0)
+            count += batch.shape[0]
+        mean = total / count
+        var = (total_sq / count - mean * mean).clamp_min(0)
+        self.mean = mean.float()
+        self.std = var.sqrt().float().clamp_min(self.config.min_std)
+
+    def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = ((images - self.mean) / self.std).abs().mean(1, keepdim=True)
+        sigma = self.config.sigma
+        if sigma > 0:
+            kernel = 2 * int(4 * sigma + 0.5) + 1
+            z = gaussian_blur(z, [kernel, kernel], [sigma, sigma])
+        maps = z[:, 0]
+        return maps.flatten(1).amax(1), maps
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean, "std": self.std}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.mean, self.std = tensors["mean"], tensors["std"]
