@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
@@ -134,7 +134,7 @@ def load_model(directory: str | Path) -> tuple[AnomalyModel, dict[str, Any]]:
     model.preset = manifest.get("preset")
     try:
         tensors = load_file(str(weights))
-    except (SafetensorsError, OSError) as exc:
+    except (SafetensorError, OSError) as exc:
         raise ModelFileError(f"{weights}: unreadable weights ({exc})") from None
     model.load_state_tensors(tensors)
     model.load_extra_state(manifest.get("extra_state", {}))

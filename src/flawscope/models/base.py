@@ -102,7 +102,8 @@ class AnomalyModel(ABC):
         return {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Inverse of :meth:`extra_state`."""
+        """Inverse of :meth:`extra_state` (default: nothing to restore)."""
+        return None
 
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor | None:
         """For models that reconstruct their input: the reconstruction in [0, 1], else None."""

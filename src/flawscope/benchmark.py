@@ -1,0 +1,141 @@
+"""Fit and test many models on many categories, resumably, one subprocess per step.
+
+Each (model, category) pair runs ``flawscope fit`` then ``flawscope test`` in child
+processes: peak memory is then measured per pair, a crash or an out-of-memory kill in one
+pair cannot take the others down, and a rerun skips pairs whose ``metrics.json`` exists.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .data import find_categories
+from .errors import FlawscopeError
+from .models import get_model_class
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["model", "category", "image_auroc", "image_ap", "pixel_auroc", "pixel_aupro",
+           "f1_max", "fit_s", "infer_img_per_s", "peak_rss_mb", "status", "error"]
+
+
+@dataclass
+class Pair:
+    model: str
+    category: Path
+
+    def folder(self, out: Path) -> Path:
+        return out / self.model / self.category.name
+
+
+def plan(data: Path, models: list[str], categories: list[str] | None) -> list[Pair]:
+    """Validate names up front so a typo fails before hours of fitting."""
+    for name in models:
+        get_model_class(name)
+    if categories:
+        folders = []
+        for name in categories:
+            folder = data / name
+            if not (folder / "train" / "good").is_dir():
+                raise FlawscopeError(f"{folder}: no such category (missing train/good)")
+            folders.append(folder)
+    else:
+        folders = find_categories(data)
+    return [Pair(m, c) for m in models for c in folders]
+
+
+def _run(args: list[str], log_path: Path) -> None:
+    with open(log_path, "a") as log_file:
+        proc = subprocess.run([sys.executable, "-m", "flawscope", *args],
+                              stdout=log_file, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        with open(log_path, "a") as log_file:
+            log_file.write(proc.stderr)
+        raise RuntimeError(f"flawscope {args[0]} failed: {tail[0]}")
+
+
+def run_pair(pair: Pair, out: Path, preset: str | None, pixel_size: int) -> None:
+    folder = pair.folder(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "error.txt").unlink(missing_ok=True)
+    model_dir = folder / "model"
+    fit_args = ["fit", "--data", str(pair.category), "--model", pair.model,
+                "--out", str(model_dir)]
+    if preset is not None and preset in get_model_class(pair.model).presets:
+        fit_args += ["--preset", preset]
+    _run(fit_args, folder / "log.txt")
+    _run(["test", "--model", str(model_dir), "--data", str(pair.category), "--out", str(folder),
+          "--pixel-size", str(pixel_size)], folder / "log.txt")
+
+
+def row_for(pair: Pair, out: Path) -> dict:
+    folder = pair.folder(out)
+    row = {c: "" for c in COLUMNS} | {"model": pair.model, "category": pair.category.name}
+    if (folder / "metrics.json").is_file():
+        metrics = json.loads((folder / "metrics.json").read_text())
+        for key in COLUMNS[2:10]:
+            row[key] = metrics.get(key)
+        row["status"] = "ok"
+    elif (folder / "error.txt").is_file():
+        row["status"] = "failed"
+        row["error"] = (folder / "error.txt").read_text().strip()
+    else:
+        row["status"] = "missing"
+    return row
+
+
+def run_benchmark(data: str | Path, models: list[str], categories: list[str] | None,
+                  out: str | Path, preset: str | None = None, force: bool = False,
+                  pixel_size: int = 256) -> list[dict]:
+    data, out = Path(data), Path(out)
+    pairs = plan(data, models, categories)
+    out.mkdir(parents=True, exist_ok=True)
+    for pair in tqdm(pairs, desc="benchmark", disable=None):
+        folder = pair.folder(out)
+        if (folder / "metrics.json").is_file() and not force:
+            log.info("skipping %s on %s: results exist (use --force to redo)",
+                     pair.model, pair.category.name)
+            continue
+        (folder / "metrics.json").unlink(missing_ok=True)
+        try:
+            run_pair(pair, out, preset, pixel_size)
+        except Exception as exc:  # one failing pair must not stop the others
+            log.error("%s on %s failed: %s", pair.model, pair.category.name, exc)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "error.txt").write_text(str(exc) + "\n")
+    rows = [row_for(p, out) for p in pairs]
+    write_tables(rows, out)
+    return rows
+
+
+def _fmt(value) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    cols = COLUMNS[:10] + ["status"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(rows: list[dict], out: Path) -> None:
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS}
+                         for r in rows)
+    (out / "results.md").write_text(markdown_table(rows))
