@@ -43,6 +43,8 @@ GOOD = "good"
 class TestImage:
     """One test image with its label: ``defect_type`` is ``"good"`` for normal images."""
 
+    __test__ = False  # not a pytest test class
+
     path: Path
     defect_type: str
     mask_path: Path | None = None
@@ -228,6 +230,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
 class TestDataset(torch.utils.data.Dataset):
     """Test images with their masks: (image tensor, bool mask (mask_size²), index)."""
+
+    __test__ = False  # not a pytest test class
 
     def __init__(self, items: Sequence[TestImage], size: int, mask_size: int):
         self.items = list(items)
