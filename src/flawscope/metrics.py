@@ -7,10 +7,11 @@ ROC AUC per defect type (each type against the good images only).
 Pixel level (anomaly maps against ground-truth masks): ROC AUC over all pixels, and AU-PRO,
 the area under the per-region-overlap curve up to a false-positive rate of 0.3, normalized to
 [0, 1] (Bergmann et al., "The MVTec Anomaly Detection Dataset", IJCV 2021). Both are exact
-(every distinct score is a threshold). They take maps as float32 and sort them once; memory
-is about 20 bytes per pixel, so flawscope evaluates pixel metrics at a fixed resolution
-(``flawscope test --pixel-size``, default 256: each map and mask resized to 256 x 256),
-which keeps a 1,000-image category near 1.3 GB.
+(every distinct score is a threshold). They hold maps as float32 (never the whole category
+as float64) but sort all pixels, which costs about 50 bytes per pixel at the peak; so
+flawscope evaluates pixel metrics at a fixed resolution (``flawscope test --pixel-size``,
+default 256: each map and mask resized to 256 x 256), where a 1,000-image category needs
+about 3.3 GB. Lower ``--pixel-size`` where that does not fit.
 """
 
 from __future__ import annotations
@@ -88,8 +89,8 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarr
     maps = np.asarray(maps, dtype=np.float32)
     if masks.shape != maps.shape or masks.ndim != 3:
         raise ValueError(f"masks {masks.shape} and maps {maps.shape} must both be (N, H, W)")
-    # Global region ids: 0 = normal pixel, 1..R = defect regions.
-    region = np.zeros(masks.shape, dtype=np.int64)
+    # Global region ids: 0 = normal pixel, 1..R = defect regions (int32 to save memory).
+    region = np.zeros(masks.shape, dtype=np.int32)
     n_regions = 0
     structure = np.ones((3, 3), dtype=bool)
     for i, mask in enumerate(masks):
@@ -100,14 +101,15 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarr
         raise ValueError("AU-PRO needs defect regions and normal pixels")
     region = region.ravel()
     region_size = np.bincount(region, minlength=n_regions + 1).astype(np.float64)
-    n_normal = region_size[0]
-    # Weight of each pixel on each curve when it crosses the threshold.
-    fpr_step = (region == 0) / n_normal
-    pro_step = np.where(region > 0, 1.0 / (region_size[region] * n_regions), 0.0)
+    # What one pixel of each region adds to the PRO curve when the threshold passes it.
+    pixel_weight = np.r_[0.0, 1.0 / (region_size[1:] * n_regions)]
     order = np.argsort(maps.ravel(), kind="stable")[::-1]
     sorted_scores = maps.ravel()[order]
-    fpr = np.cumsum(fpr_step[order])
-    pro = np.cumsum(pro_step[order])
+    sorted_region = region[order]
+    del order, region
+    fpr = np.cumsum(sorted_region == 0, dtype=np.float64)
+    fpr /= region_size[0]
+    pro = np.cumsum(pixel_weight[sorted_region])
     # Among tied scores only the last position is a real threshold.
     last_of_tie = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
     fpr, pro = fpr[last_of_tie], pro[last_of_tie]
