@@ -102,16 +102,40 @@ def synth(out: Path, seed: int, size: int, n_train: int, test_good: int, test_de
               help="Override one model setting; repeatable.")
 @click.option("--holdout", default=0.1, show_default=True,
               help="Fraction of train/good held out to calibrate what normal scores look like.")
+@click.option("--max-false-alarm", default=0.01, show_default=True,
+              type=click.FloatRange(0, 0.5, min_open=True, max_open=True),
+              help="Target fraction of good parts flagged; sets the decision threshold from "
+                   "the held-out good images only.")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Model directory to write (replaced atomically if it exists).")
 def fit(data: Path, model_name: str, preset: str | None, settings: tuple[str, ...],
-        holdout: float, out: Path) -> None:
-    """Fit a model on the good training images of a category and save it."""
+        holdout: float, max_false_alarm: float, out: Path) -> None:
+    """Fit a model on the good training images of a category and save it.
+
+    The decision threshold is set from held-out good images for the --max-false-alarm rate;
+    change it later with `flawscope threshold`.
+    """
     from .pipeline import fit_model
 
-    result = fit_model(data, model_name, out, preset, _parse_settings(settings), holdout)
+    result = fit_model(data, model_name, out, preset, _parse_settings(settings), holdout,
+                       max_false_alarm)
     click.echo(f"fitted {model_name} on {result.n_train} images in {result.fit_s:.1f} s "
                f"({result.n_holdout} held out); saved to {out}")
+    click.echo(_threshold_line(result.threshold, warn=False))  # the pipeline logged it
+
+
+def _threshold_line(record: dict | None, warn: bool = True) -> str:
+    record = record or {}
+    if record.get("value") is None:
+        line = "threshold: none (predictions will be 'undecided')"
+    else:
+        line = f"threshold: {record['value']:.6g} ({record['method']}"
+        if record.get("max_false_alarm") is not None and record["method"].startswith("good"):
+            line += f", target false-alarm rate {record['max_false_alarm']:.2%}"
+        line += f", from {record.get('n_good')} good images)"
+    if warn and record.get("warning"):
+        line += f"\nwarning: {record['warning']}"
+    return line
 
 
 @cli.command()
@@ -130,6 +154,7 @@ def test(model_dir: Path, data: Path, out: Path, pixel_size: int, batch_size: in
 
     from .modelfile import load_model
     from .pipeline import evaluate, peak_rss_mb
+    from .threshold import rates
 
     model, manifest = load_model(model_dir)
     evaluation = evaluate(model, data, pixel_size=pixel_size, batch_size=batch_size)
@@ -148,6 +173,7 @@ def test(model_dir: Path, data: Path, out: Path, pixel_size: int, batch_size: in
         "fit_s": fit_info.get("fit_s"),
         "infer_s": evaluation.infer_s,
         "infer_img_per_s": n / evaluation.infer_s if evaluation.infer_s > 0 else None,
+        **rates(manifest.get("threshold"), evaluation.labels, evaluation.scores),
         "peak_rss_mb": max(peak_rss_mb(), float(fit_info.get("peak_rss_mb") or 0)),
         "threads": torch.get_num_threads(),
         "flawscope_version": __version__,
@@ -188,14 +214,21 @@ def _metrics_table(m: dict) -> str:
 def predict(model_dir: Path, inputs: tuple[Path, ...], out: Path) -> None:
     """Score new images (files or folders) and write heat-map overlays.
 
-    Prints one line per image and writes OUT/predictions.jsonl (path, score) and
-    OUT/<name>_heatmap.png.
+    Prints one line per image and writes OUT/predictions.jsonl and OUT/<name>_heatmap.png.
+    Each JSON line has the raw `score`, `normalized_score` (logistic: the threshold is 0.5,
+    a typical good part 0.1), `is_anomalous` (score > threshold; null when the model has no
+    threshold) and `threshold`.
     """
     from .data import list_images, read_image
     from .modelfile import load_model
+    from .threshold import decision_for
     from .visualize import display_range, heatmap_overlay
 
     model, manifest = load_model(model_dir)
+    decide = decision_for(manifest)
+    if not decide.has_threshold:
+        click.echo("warning: this model has no decision threshold; every image is reported as "
+                   "undecided (set one with `flawscope threshold`)", err=True)
     paths: list[Path] = []
     for item in inputs:
         paths.extend(list_images(item) if item.is_dir() else [item])
@@ -208,9 +241,69 @@ def predict(model_dir: Path, inputs: tuple[Path, ...], out: Path) -> None:
                                       display_range(amap, manifest.get("calibration")))
             heatmap = out / f"{path.stem}_heatmap.png"
             overlay.save(heatmap)
-            record = {"path": str(path), "score": score, "heatmap": str(heatmap)}
+            record = {"path": str(path), **decide(score), "heatmap": str(heatmap)}
             jsonl.write(json.dumps(record) + "\n")
-            click.echo(f"{path}\tscore={score:.6g}")
+            verdict = {True: "ANOMALOUS", False: "ok", None: "undecided"}[record["is_anomalous"]]
+            normalized = record["normalized_score"]
+            click.echo(f"{path}\tscore={score:.6g}\tnormalized="
+                       f"{'-' if normalized is None else f'{normalized:.3f}'}\t{verdict}")
+
+
+@cli.command("threshold")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--method", type=click.Choice(["good", "f1"]), default=None,
+              help="good: from the held-out good images for --max-false-alarm; f1: best F1 on "
+                   "labelled images in --data. Without --method/--value: show the threshold.")
+@click.option("--max-false-alarm", default=0.01, show_default=True,
+              type=click.FloatRange(0, 0.5, min_open=True, max_open=True))
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="For --method f1: a folder with good/ and <defect>/ sub-folders, or an MVTec "
+                   "category (its test/ is used; then do not judge the model on that test set).")
+@click.option("--value", type=float, default=None, help="Set this raw-score threshold by hand.")
+def threshold_cmd(model_dir: Path, method: str | None, max_false_alarm: float,
+                  data: Path | None, value: float | None) -> None:
+    """Show or change the decision threshold stored in a model directory."""
+    from . import threshold as th
+    from .modelfile import load_model, read_manifest, update_manifest
+
+    manifest = read_manifest(model_dir)
+    good = (manifest.get("calibration") or {}).get("scores") or []
+    if method is None and value is None:
+        click.echo(_threshold_line(manifest.get("threshold")))
+        return
+    if value is not None and method is not None:
+        raise FlawscopeError("give either --method or --value, not both")
+    if value is not None:
+        record = th.manual(value, good)
+    elif method == "good":
+        record = th.from_good_scores(good, max_false_alarm)
+    else:
+        if data is None:
+            raise FlawscopeError("--method f1 needs --data with labelled images")
+        model, _ = load_model(model_dir)
+        record = th.from_validation(model, data, good)
+    update_manifest(model_dir, threshold=record)
+    click.echo(_threshold_line(record))
+
+
+@cli.command("export")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="File to write (default MODEL_DIR/model.onnx).")
+def export_cmd(model_dir: Path, fmt: str, out: Path | None) -> None:
+    """Export a fitted model's scoring graph (images [B,3,S,S] in [0,1] -> scores, maps).
+
+    The file is checked with onnxruntime against PyTorch before it is written.
+    """
+    from .export import export_onnx
+    from .modelfile import load_model
+
+    model, manifest = load_model(model_dir)
+    report = export_onnx(model, out or model_dir / "model.onnx", manifest)
+    click.echo(f"wrote {report.path} ({report.size_bytes / 1e6:.1f} MB); onnxruntime vs "
+               f"PyTorch relative error: scores {report.score_rel_err:.1e}, "
+               f"maps {report.map_rel_err:.1e}")
 
 
 @cli.command()

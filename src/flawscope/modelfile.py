@@ -4,14 +4,17 @@ A model directory holds ``weights.safetensors`` and ``manifest.json``. The manif
 model, its config and preset, the flawscope version and format version, the decision
 threshold and a SHA-256 of the weights file. Loading checks the checksum and the format
 version and never executes code from the files (no pickle anywhere). Saving is atomic: the
-new directory is written beside the old one and swapped in with renames, so a crash mid-save
-leaves the previous model intact.
+new directory is written beside the old one (other files of the old one, such as training
+pictures, are hard-linked into it, so the old one is never touched) and swapped in with two
+renames. A crash between those renames leaves the old directory under a hidden name, which
+the next load or save renames back, so a crash at any point leaves the previous model intact.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -24,6 +27,8 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .errors import ModelFileError
 from .models import AnomalyModel, get_model_class
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 WEIGHTS = "weights.safetensors"
@@ -38,14 +43,44 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _recover(directory: Path) -> None:
+    """Undo a save that crashed between moving the old directory aside and moving the new
+    one in; and remove half-written leftovers of crashed saves."""
+    if not directory.exists():
+        olds = sorted(directory.parent.glob(f".{directory.name}.old-*"),
+                      key=lambda p: p.stat().st_mtime)
+        if olds and (olds[-1] / MANIFEST).is_file():
+            log.warning("%s: restoring the previous model after an interrupted save", directory)
+            os.replace(olds[-1], directory)
+    if directory.exists():
+        for leftover in directory.parent.glob(f".{directory.name}.old-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` (file or folder) to ``dst``, copying where links are impossible."""
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if src.is_dir():
+        shutil.copytree(src, dst, copy_function=link, symlinks=True)
+    else:
+        link(str(src), str(dst))
+
+
 def save_model(model: AnomalyModel, directory: str | Path,
                extra: dict[str, Any] | None = None) -> Path:
     """Write ``model`` to ``directory`` atomically; ``extra`` adds manifest fields
     (e.g. ``threshold``, ``calibration``, ``fit_info``)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    _recover(directory)
+    for stale in directory.parent.glob(f".{directory.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_tensors().items()}
     save_file(tensors, str(tmp / WEIGHTS))
@@ -75,7 +110,7 @@ def save_model(model: AnomalyModel, directory: str | Path,
     if directory.is_dir():
         for item in directory.iterdir():
             if item.name not in (WEIGHTS, MANIFEST) and not (tmp / item.name).exists():
-                os.replace(item, tmp / item.name)
+                _link_or_copy(item, tmp / item.name)
     old_dir = directory.with_name(f".{directory.name}.old-{os.getpid()}")
     if directory.exists():
         os.replace(directory, old_dir)
@@ -87,6 +122,7 @@ def save_model(model: AnomalyModel, directory: str | Path,
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     """The checked manifest of a model directory."""
     directory = Path(directory)
+    _recover(directory)
     path = directory / MANIFEST
     if not path.is_file():
         raise ModelFileError(f"{directory}: not a flawscope model directory (no {MANIFEST})")

@@ -23,6 +23,7 @@ from .metrics import compute_all
 from .modelfile import save_model
 from .models import AnomalyModel, get_model_class
 from .models.base import resize_maps
+from .threshold import DEFAULT_MAX_FALSE_ALARM, check_alpha, from_good_scores
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +87,19 @@ class FitResult:
     n_train: int
     n_holdout: int
     calibration: dict[str, Any] | None = None
+    threshold: dict[str, Any] | None = None
 
 
 def fit_model(data_dir: str | Path, model_name: str, out_dir: str | Path,
               preset: str | None = None, overrides: dict[str, Any] | None = None,
-              holdout: float = DEFAULT_HOLDOUT) -> FitResult:
-    """Fit ``model_name`` on ``data_dir``/train/good and save it to ``out_dir``."""
+              holdout: float = DEFAULT_HOLDOUT,
+              max_false_alarm: float = DEFAULT_MAX_FALSE_ALARM) -> FitResult:
+    """Fit ``model_name`` on ``data_dir``/train/good and save it to ``out_dir``.
+
+    The decision threshold is set from the held-out good scores for a false-alarm rate of
+    ``max_false_alarm`` (see :mod:`flawscope.threshold`).
+    """
+    check_alpha(max_false_alarm)
     category = open_category(data_dir)
     model = get_model_class(model_name).from_settings(preset, overrides)
     fit_paths, held_paths = split_holdout(category.train, holdout, int(model.config.seed))
@@ -109,8 +117,13 @@ def fit_model(data_dir: str | Path, model_name: str, out_dir: str | Path,
     fit_info = {"fit_s": fit_s, "n_train": len(fit_paths), "n_holdout": len(held_paths),
                 "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
                 "data": str(category.root)}
-    save_model(model, out_dir, extra={"fit_info": fit_info, "calibration": calibration})
-    return FitResult(model, out_dir, fit_s, len(fit_paths), len(held_paths), calibration)
+    threshold = from_good_scores(calibration["scores"] if calibration else [], max_false_alarm)
+    if threshold["warning"]:
+        log.warning("%s", threshold["warning"])
+    save_model(model, out_dir, extra={"fit_info": fit_info, "calibration": calibration,
+                                      "threshold": threshold})
+    return FitResult(model, out_dir, fit_s, len(fit_paths), len(held_paths), calibration,
+                     threshold)
 
 
 @dataclass

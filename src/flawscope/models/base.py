@@ -109,6 +109,18 @@ class AnomalyModel(ABC):
         """For models that reconstruct their input: the reconstruction in [0, 1], else None."""
         return None
 
+    def onnx_module(self) -> torch.nn.Module | None:
+        """For ONNX export: an ``nn.Module`` whose ``forward(images)`` returns the same
+        ``(scores, maps)`` as :meth:`score_batch`, built only from traceable torch operations
+        (no numpy, scipy or Python branches on tensor values), with the fitted state as
+        buffers or parameters. None (the default) means this model cannot be exported.
+
+        A model whose ``score_batch`` is already such a graph can return
+        ``ScoreBatchModule(self)``; ``flawscope export`` checks the exported file against
+        PyTorch on a batch of a different size before it reports success.
+        """
+        return None
+
     # ----------------------------------------------------------------- shared helpers
     @torch.no_grad()
     def score_tensor(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,6 +150,19 @@ class AnomalyModel(ABC):
         if batch:
             flush()
         return results
+
+
+class ScoreBatchModule(torch.nn.Module):
+    """Wraps a model's own ``score_batch`` as a module, for models whose scoring is a fixed
+    torch graph; fitted tensors held as attributes become constants of the exported graph."""
+
+    def __init__(self, model: AnomalyModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, maps = self.model.score_batch(images)
+        return scores.float().reshape(-1), maps.float()
 
 
 def resize_maps(maps: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:

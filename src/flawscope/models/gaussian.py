@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchvision.transforms.functional import gaussian_blur
+import torch.nn.functional as F
 
 from . import register
 from .base import AnomalyModel
@@ -29,6 +29,37 @@ class GaussianConfig:
     min_std: float = 0.02
     batch_size: int = 32
     seed: int = 0
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    """Normalized 1-D Gaussian, 2*round(4 sigma)+1 taps (as torchvision's gaussian_blur)."""
+    size = 2 * int(4 * sigma + 0.5) + 1
+    x = torch.linspace(-(size - 1) / 2, (size - 1) / 2, size, dtype=torch.float64)
+    pdf = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (pdf / pdf.sum()).float()
+
+
+class GaussianScorer(torch.nn.Module):
+    """The scoring graph: z-score, channel mean, separable Gaussian blur (reflect padding),
+    max. A module of plain torch operations, so the same code scores in PyTorch and is
+    exported to ONNX."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, sigma: float):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        kernel = gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1)
+        self.register_buffer("kernel_v", kernel.view(1, 1, -1, 1))
+        self.register_buffer("kernel_h", kernel.view(1, 1, 1, -1))
+        self.pad = len(kernel) // 2
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = ((images - self.mean) / self.std).abs().mean(1, keepdim=True)
+        if self.pad:
+            z = F.pad(z, [self.pad] * 4, mode="reflect")
+            z = F.conv2d(F.conv2d(z, self.kernel_v), self.kernel_h)
+        maps = z[:, 0]
+        return maps.flatten(1).amax(1), maps
 
 
 @register
@@ -59,13 +90,10 @@ class GaussianModel(AnomalyModel):
         self.std = var.sqrt().float().clamp_min(self.config.min_std)
 
     def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = ((images - self.mean) / self.std).abs().mean(1, keepdim=True)
-        sigma = self.config.sigma
-        if sigma > 0:
-            kernel = 2 * int(4 * sigma + 0.5) + 1
-            z = gaussian_blur(z, [kernel, kernel], [sigma, sigma])
-        maps = z[:, 0]
-        return maps.flatten(1).amax(1), maps
+        return self.onnx_module()(images)
+
+    def onnx_module(self) -> GaussianScorer:
+        return GaussianScorer(self.mean, self.std, float(self.config.sigma))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"mean": self.mean, "std": self.std}

@@ -1,0 +1,109 @@
+"""ONNX export: onnxruntime reproduces PyTorch's scores and maps within 1e-4 relative."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import shared_category
+
+from flawscope.cli import cli
+from flawscope.data import ImageDataset, open_category
+from flawscope.errors import FlawscopeError
+from flawscope.export import TOLERANCE, compare, export_onnx, onnx_session, torch_outputs
+from flawscope.modelfile import load_model
+from flawscope.models.base import AnomalyModel
+from flawscope.pipeline import fit_model
+
+
+def _images(category, size, n):
+    cat = open_category(category)
+    paths = [t.path for t in cat.test][:: max(1, len(cat.test) // n)][:n]
+    return torch.stack([ImageDataset(paths, size)[i] for i in range(len(paths))])
+
+
+def _check_file(model, path, images):
+    session = onnx_session(path, threads=1)
+    scores, maps = session.run(None, {"images": images.numpy()})
+    ref_scores, ref_maps = model.score_batch(images)
+    s_err, m_err = compare((scores, maps), (ref_scores.numpy(), ref_maps.numpy()))
+    assert s_err < TOLERANCE and m_err < TOLERANCE
+    return scores
+
+
+def test_cli_export_gaussian_matches_pytorch_on_test_images(synth_root, tmp_path):
+    data = synth_root / "synthetic_object"
+    fit_model(data, "gaussian", tmp_path / "m", holdout=0.1)
+    result = CliRunner().invoke(cli, ["export", str(tmp_path / "m"), "--format", "onnx"])
+    assert result.exit_code == 0, result.output
+    model, manifest = load_model(tmp_path / "m")
+    images = _images(data, model.image_size, 7)  # a batch size the export never traced
+    scores = _check_file(model, tmp_path / "m" / "model.onnx", images)
+    assert scores.shape == (7,)
+    # The file carries the decision rule, so it can be used without the manifest.
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m" / "model.onnx")).metadata_props}
+    assert meta["flawscope_model"] == "gaussian"
+    assert json.loads(meta["threshold"])["value"] == manifest["threshold"]["value"]
+    # The model directory still loads (the checksum covers the weights only).
+    load_model(tmp_path / "m")
+
+
+def test_model_without_a_graph_gets_a_clear_error(tmp_path):
+    class Opaque(AnomalyModel):
+        name = "opaque"
+        Config = dict
+
+        def __init__(self):
+            self.config = {"image_size": 8}
+
+        @property
+        def image_size(self):
+            return 8
+
+        def fit(self, images, workdir=None):
+            pass
+
+        def score_batch(self, images):
+            s = np.abs(images.numpy()).mean(axis=(1, 2, 3))
+            return torch.from_numpy(s), images[:, 0]
+
+        def state_tensors(self):
+            return {}
+
+        def load_state_tensors(self, tensors):
+            pass
+
+    with pytest.raises(FlawscopeError, match="cannot be exported to ONNX"):
+        export_onnx(Opaque(), tmp_path / "x.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_that_drifts_from_pytorch_is_not_written(tmp_path, monkeypatch):
+    from flawscope import export
+    from flawscope.models.gaussian import GaussianConfig, GaussianModel
+
+    model = GaussianModel(GaussianConfig(image_size=16))
+    real = export.torch_outputs
+
+    def drifted(module, images):
+        s, m = real(module, images)
+        return s * 1.01, m
+
+    monkeypatch.setattr(export, "torch_outputs", drifted)
+    with pytest.raises(FlawscopeError, match="differs from PyTorch"):
+        export_onnx(model, tmp_path / "g.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_gaussian_export_on_real_images(tmp_path):
+    category = shared_category("mvtec_ad", "screw")
+    fit_model(category, "gaussian", tmp_path / "m", overrides={"image_size": 128})
+    model, manifest = load_model(tmp_path / "m")
+    images = _images(category, model.image_size, 6)
+    export_onnx(model, tmp_path / "m.onnx", manifest, check_images=images)
+    _check_file(model, tmp_path / "m.onnx", images)
+    assert torch_outputs(model.onnx_module(), images)[0].shape == (6,)
