@@ -350,6 +350,28 @@ def demo(out: Path, model_name: str, force: bool) -> None:
     click.echo(f"results in {out / 'results'}")
 
 
+@cli.command("serve")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on (0.0.0.0 exposes the service to the network).")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--workers", default=2, show_default=True,
+              help="Scoring threads (each gets cpu_count/workers PyTorch threads).")
+@click.option("--max-upload-mb", default=20.0, show_default=True,
+              help="Larger uploads are refused with 413.")
+@click.option("--max-pixels", default=40_000_000, show_default=True,
+              help="Images with more pixels are refused with 413 before decoding.")
+@click.option("--access-log", is_flag=True, help="Log every request.")
+def serve_cmd(model_dir: Path, host: str, port: int, workers: int, max_upload_mb: float,
+              max_pixels: int, access_log: bool) -> None:
+    """Serve a model over HTTP: POST /predict (multipart field `file`, ?heatmap=true), GET
+    /health. Answers JSON with score, normalized_score, is_anomalous and latency_ms."""
+    from .serve import serve
+
+    serve(model_dir, host, port, access_log=access_log, max_upload_mb=max_upload_mb,
+          max_pixels=max_pixels, workers=workers)
+
+
 @cli.command("models")
 def list_models() -> None:
     """List the available models and their presets."""

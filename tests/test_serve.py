@@ -1,0 +1,118 @@
+"""The inspection service over a real socket on 127.0.0.1."""
+
+import base64
+import io
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+from flawscope.modelfile import read_manifest
+from flawscope.pipeline import fit_model
+from flawscope.serve import create_app, decode_upload
+from flawscope.threshold import decision_for
+
+
+@pytest.fixture(scope="module")
+def server(synth_root, tmp_path_factory):
+    """gaussian on the synthetic object, served by uvicorn in a thread on a free port."""
+    model_dir = tmp_path_factory.mktemp("serve") / "model"
+    fit_model(synth_root / "synthetic_object", "gaussian", model_dir)
+    app = create_app(model_dir, max_upload_mb=0.2, max_pixels=300 * 300, workers=2)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    with httpx.Client(base_url=url, timeout=30) as client:
+        yield client, model_dir
+    srv.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+def png_bytes(path_or_image) -> bytes:
+    image = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(
+        path_or_image)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def post(client, data: bytes, name="x.png", **params):
+    return client.post("/predict", files={"file": (name, data, "image/png")}, params=params)
+
+
+def test_health(server):
+    client, model_dir = server
+    body = client.get("/health").json()
+    assert body["status"] == "ok" and body["model"] == "gaussian"
+    assert body["threshold"] == read_manifest(model_dir)["threshold"]["value"]
+
+
+def test_predict_matches_the_stored_decision_and_returns_a_heatmap(server, synth_root):
+    client, model_dir = server
+    decide = decision_for(read_manifest(model_dir))
+    stain = synth_root / "synthetic_object" / "test" / "stain" / "000.png"
+    answer = post(client, stain.read_bytes(), "stain.png", heatmap="true")
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["model"] == "gaussian" and body["filename"] == "stain.png"
+    assert body["is_anomalous"] is True and body["normalized_score"] > 0.5
+    assert body["is_anomalous"] == decide.is_anomalous(body["score"])
+    assert body["latency_ms"] > 0
+    overlay = Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"])))
+    assert overlay.size == (body["width"], body["height"])
+    plain = post(client, stain.read_bytes()).json()
+    assert "heatmap_png" not in plain and plain["score"] == pytest.approx(body["score"])
+
+
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, synth_root):
+    client, _ = server
+    good = (synth_root / "synthetic_object" / "test" / "good" / "000.png").read_bytes()
+    big = png_bytes(Image.fromarray(np.random.default_rng(0).integers(
+        0, 255, (400, 400, 3), dtype=np.uint8)))  # ~480 KB, over the 0.2 MB limit
+    cases = {
+        "not an image": (post(client, b"hello, this is text", "notes.txt"), 415),
+        "truncated": (post(client, good[: len(good) // 2]), 400),
+        "empty": (post(client, b""), 400),
+        "too many pixels": (post(client, png_bytes(Image.new("RGB", (400, 300)))), 413),
+        "upload too big": (post(client, big), 413),
+        "no file field": (client.post("/predict", data={"x": "1"}), 422),
+        "eps is refused": (post(client, b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 1 1\n"),
+                           415),
+    }
+    for name, (response, status) in cases.items():
+        assert response.status_code == status, (name, response.text)
+        assert response.json()["detail"], name
+        assert post(client, good).status_code == 200, f"server broken after: {name}"
+
+
+def test_concurrent_requests_all_succeed(server, synth_root):
+    client, _ = server
+    images = [p.read_bytes() for p in
+              sorted((synth_root / "synthetic_object" / "test" / "good").glob("*.png"))[:4]]
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda i: post(client, images[i % 4]), range(16)))
+    assert [a.status_code for a in answers] == [200] * 16
+    scores = [a.json()["score"] for a in answers]
+    assert scores[:4] == scores[4:8]  # the same image scores the same under concurrency
+
+
+def test_decode_upload_handles_grayscale_and_16_bit():
+    gray16 = Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16))
+    image = decode_upload(png_bytes(gray16))
+    assert image.mode == "RGB" and image.size == (64, 64)
