@@ -1,0 +1,90 @@
+"""Structural similarity (SSIM, Wang et al. 2004) as a differentiable torch function.
+
+SSIM compares two images patch by patch through luminance (local means), contrast (local
+standard deviations) and structure (local correlation)::
+
+    SSIM(p, q) = (2 mu_p mu_q + C1) (2 sigma_pq + C2)
+                 / ((mu_p² + mu_q² + C1) (sigma_p² + sigma_q² + C2))
+
+The local statistics are weighted by a Gaussian window (11 x 11 taps, sigma 1.5) and
+``C1 = (0.01 L)²``, ``C2 = (0.03 L)²`` with ``L`` the data range: Wang et al.'s values, and
+the window size and constants of Bergmann et al. 2019 (their ``k = 11``, ``c1 = 0.01``,
+``c2 = 0.03``, read as the usual K1, K2 of Wang et al.).
+
+The map has the input's size: borders are reflect-padded by half a window, so every pixel
+gets a value (a defect at the image edge must show in the anomaly map). Multi-channel
+images get one SSIM map per channel; callers average over channels (as scikit-image does
+for colour images). Everything here is plain torch, so it is differentiable (the SSIM
+autoencoder's loss) and traceable (ONNX export of the anomaly map).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+#: Wang et al. 2004 / Bergmann et al. 2019.
+WINDOW_SIZE = 11
+WINDOW_SIGMA = 1.5
+K1 = 0.01
+K2 = 0.03
+
+
+def gaussian_window(size: int = WINDOW_SIZE, sigma: float = WINDOW_SIGMA) -> torch.Tensor:
+    """Normalized 1-D Gaussian of ``size`` taps (the 2-D window is its outer product)."""
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"window size must be odd and positive, got {size}")
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    w = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (w / w.sum()).float()
+
+
+def separable_blur(x: torch.Tensor, window: torch.Tensor, pad_mode: str = "reflect"
+                   ) -> torch.Tensor:
+    """Filter every channel of ``(B, C, H, W)`` with the 2-D window ``outer(window, window)``.
+
+    Same-size output: the border is padded by half the window (``pad_mode`` as in F.pad).
+    """
+    channels = x.shape[1]
+    pad = len(window) // 2
+    window = window.to(dtype=x.dtype, device=x.device)
+    kv = window.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
+    kh = window.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
+    if pad:
+        x = F.pad(x, [pad] * 4, mode=pad_mode)
+    x = F.conv2d(x, kv, groups=channels)
+    return F.conv2d(x, kh, groups=channels)
+
+
+def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0,
+             window_size: int = WINDOW_SIZE, sigma: float = WINDOW_SIGMA,
+             k1: float = K1, k2: float = K2) -> torch.Tensor:
+    """Per-pixel, per-channel SSIM of ``(B, C, H, W)`` images: ``(B, C, H, W)``, 1 = same.
+
+    Computed in float32 at least (half-precision variances lose the small differences SSIM
+    is about).
+    """
+    if x.shape != y.shape or x.dim() != 4:
+        raise ValueError(f"ssim_map needs two (B, C, H, W) tensors of one shape, "
+                         f"got {tuple(x.shape)} and {tuple(y.shape)}")
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x, y = x.to(dtype), y.to(dtype)
+    c = x.shape[1]
+    window = gaussian_window(window_size, sigma)
+    # One grouped convolution for all five local statistics.
+    stats = separable_blur(torch.cat([x, y, x * x, y * y, x * y], dim=1), window)
+    mu_x, mu_y, xx, yy, xy = stats.split(c, dim=1)
+    mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
+    var_x, var_y, cov = xx - mu_xx, yy - mu_yy, xy - mu_xy
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    return ((2 * mu_xy + c1) * (2 * cov + c2)) / ((mu_xx + mu_yy + c1) * (var_x + var_y + c2))
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Mean SSIM per image, ``(B,)``."""
+    return ssim_map(x, y, data_range).flatten(1).mean(1)
+
+
+def ssim_loss(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """``1 - mean SSIM`` over the batch: 0 for a perfect reconstruction, differentiable."""
+    return 1 - ssim_map(x, y, data_range).mean()
