@@ -1,0 +1,577 @@
+"""``fanogan``: f-AnoGAN (Schlegl et al., "f-AnoGAN: Fast unsupervised anomaly detection with
+generative adversarial networks", Medical Image Analysis 2019).
+
+Training has two stages, both on good images only:
+
+1. **Adversarial training.** A generator G (latent ``z`` -> image) and a critic D are trained
+   as a Wasserstein GAN with gradient penalty (Gulrajani et al. 2017): the critic is updated
+   on every batch, the generator on every ``n_critic``-th batch. G learns what normal parts
+   can look like.
+2. **Encoder training (izi_f).** With G and D frozen, an encoder E (image -> ``z``) learns to
+   map an image to the latent code whose generated image matches it, minimising
+   ``mean((x - G(E(x)))²) + kappa · mean((f(x) - f(G(E(x))))²)`` where ``f`` is the critic's
+   last feature layer. Because G only knows normal parts, a defect cannot be reproduced.
+
+Scoring reuses the same two terms: ``A(x) = A_R(x) + kappa · A_D(x)``; the anomaly map is the
+residual ``|x - G(E(x))|`` averaged over channels, at the model's resolution.
+
+Choices the paper leaves open or that follow its reference code: DCGAN-style convolutional
+networks whose width is a setting (``width``), no normalisation in the critic (batch norm would
+break the per-sample gradient penalty) nor in the encoder, batch norm in G; ``z`` uniform in
+[-1, 1] with a tanh at the end of E so that E can only reach codes G was trained on; images
+normalised to [-1, 1] (the seed's Normalize(0.5, 0.5)), G ends in tanh; Adam with the
+WGAN-GP betas (0, 0.9). ``batches_per_epoch`` (0 = one pass over the data, as in the paper)
+lets the ``fast`` preset spend the same compute on a 37-image category as on a 700-image one.
+
+All randomness of training (data order, flips, ``z``, gradient-penalty mixing) comes from one
+seeded generator, so a fit is reproducible for a seed (with the same thread count). With a
+``workdir`` each stage checkpoints after every epoch and on Ctrl-C, and a new ``fit`` with the
+same settings and images resumes where it stopped, bit for bit. The workdir also receives the
+pictures of training: generated samples, reconstructions, and loss curves (PNG and CSV).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+from ..errors import FlawscopeError
+from . import register
+from .base import AnomalyModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FAnoGANConfig:
+    #: Side of the square input; must be 4·2^k (32, 64, 128, ...). The paper uses 64.
+    image_size: int = 64
+    latent_dim: int = 100
+    #: Channels of the critic's first layer (and of G's last hidden layer), doubled at every
+    #: halving of the resolution: 64 is the DCGAN size, smaller is faster and coarser.
+    width: int = 64
+    batch_size: int = 32
+    lr: float = 2e-4
+    adam_beta1: float = 0.0
+    adam_beta2: float = 0.9
+    #: Gradient-penalty weight (lambda of WGAN-GP).
+    gp_weight: float = 10.0
+    #: The generator is updated on every n_critic-th batch, the critic on every batch.
+    n_critic: int = 5
+    #: Weight of the critic-feature term, in the encoder loss and in the anomaly score.
+    kappa: float = 1.0
+    stage1_epochs: int = 1500
+    stage2_epochs: int = 200
+    #: Batches per epoch; 0 = one pass over the training images (the paper's epoch).
+    batches_per_epoch: int = 0
+    #: Random horizontal flips of training images (the seed's augmentation). Turn off for
+    #: parts whose mirror image is itself a defect.
+    hflip: bool = True
+    #: Training pictures every this many epochs (and at the first and last epoch); 0 = never.
+    picture_every_stage1: int = 100
+    picture_every_stage2: int = 20
+    seed: int = 0
+
+
+#: Files that must match the settings and images for a fit to resume from them.
+STAGE1_CHECKPOINT = "fanogan_stage1.pt"
+STAGE2_CHECKPOINT = "fanogan_stage2.pt"
+#: Settings that may change between an interrupted fit and its resumption.
+_RESUMABLE_CHANGES = {"stage1_epochs", "stage2_epochs", "picture_every_stage1",
+                      "picture_every_stage2"}
+
+
+# ---------------------------------------------------------------------------- networks
+def _n_halvings(image_size: int) -> int:
+    """Number of stride-2 layers between ``image_size`` and the 4x4 bottleneck."""
+    k = math.log2(image_size / 4) if image_size >= 8 else 0
+    if k < 1 or k != int(k):
+        raise FlawscopeError(f"fanogan: image_size={image_size} must be 4·2^k, "
+                             "e.g. 32, 64 or 128")
+    return int(k)
+
+
+class Generator(nn.Module):
+    """``z`` (B, latent) -> image (B, 3, S, S) in [-1, 1] (DCGAN generator)."""
+
+    def __init__(self, image_size: int, latent_dim: int, width: int):
+        super().__init__()
+        n = _n_halvings(image_size)
+        ch = width * 2 ** (n - 1)
+        self.channels = ch
+        self.project = nn.Linear(latent_dim, ch * 16, bias=False)
+        self.start = nn.Sequential(nn.BatchNorm2d(ch), nn.ReLU(True))
+        layers: list[nn.Module] = []
+        for _ in range(n - 1):
+            layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False),
+                       nn.BatchNorm2d(ch // 2), nn.ReLU(True)]
+            ch //= 2
+        layers += [nn.ConvTranspose2d(ch, 3, 4, 2, 1), nn.Tanh()]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.project(z).view(-1, self.channels, 4, 4)
+        return self.body(self.start(x))
+
+
+def _conv_stack(image_size: int, width: int) -> tuple[nn.Sequential, int]:
+    """Stride-2 convolutions from (3, S, S) down to (C, 4, 4); returns (stack, C·16)."""
+    n = _n_halvings(image_size)
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+    ch = width
+    for _ in range(n - 1):
+        layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        ch *= 2
+    return nn.Sequential(*layers, nn.Flatten()), ch * 16
+
+
+class Critic(nn.Module):
+    """Image -> Wasserstein critic value; :meth:`features` is the ``f`` of izi_f."""
+
+    def __init__(self, image_size: int, width: int):
+        super().__init__()
+        self.body, n_features = _conv_stack(image_size, width)
+        self.head = nn.Linear(n_features, 1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x)).squeeze(1)
+
+
+class Encoder(nn.Module):
+    """Image -> ``z`` in [-1, 1], the support of G's prior."""
+
+    def __init__(self, image_size: int, latent_dim: int, width: int):
+        super().__init__()
+        self.body, n_features = _conv_stack(image_size, width)
+        self.head = nn.Sequential(nn.Linear(n_features, latent_dim), nn.Tanh())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor,
+                     fake: torch.Tensor, mix: torch.Tensor, weight: float) -> torch.Tensor:
+    """WGAN-GP term ``weight · mean((||∇D(x̂)||₂ - 1)²)`` at ``x̂ = mix·real + (1-mix)·fake``.
+
+    ``mix`` has shape (B, 1, 1, 1). The graph is kept so the penalty trains the critic.
+    """
+    mixed = (mix * real + (1 - mix) * fake).requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(mixed).sum(), mixed, create_graph=True)
+    return weight * ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+
+
+# ---------------------------------------------------------------------------- the model
+@register
+class FAnoGANModel(AnomalyModel):
+    name = "fanogan"
+    Config = FAnoGANConfig
+    presets = {
+        # The seed's numbers. Hours to days on a CPU; see the notes for measured epoch times.
+        "paper": {},
+        # Minutes on two CPU cores: 32x32 images, quarter-width networks and a fixed number
+        # of batches (1500 critic / 300 generator updates, 500 encoder updates), so that small
+        # and large categories cost the same. At 64x64 the same budget left G producing noise.
+        "fast": {"image_size": 32, "width": 16, "stage1_epochs": 60, "stage2_epochs": 20,
+                 "batches_per_epoch": 25, "picture_every_stage1": 10,
+                 "picture_every_stage2": 5},
+    }
+    default_preset = "fast"
+
+    def __init__(self, config: FAnoGANConfig | None = None):
+        super().__init__(config)
+        c = self.config
+        # Initial weights depend on the seed only, without touching the global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(c.seed)
+            self.generator = Generator(c.image_size, c.latent_dim, c.width)
+            self.critic = Critic(c.image_size, c.width)
+            self.encoder = Encoder(c.image_size, c.latent_dim, c.width)
+        self._nets = {"G": self.generator, "D": self.critic, "E": self.encoder}
+        self._eval()
+        #: Per-epoch mean losses of the last fit, {"stage1": [...], "stage2": [...]}.
+        self.history: dict[str, list[dict[str, float]]] = {"stage1": [], "stage2": []}
+
+    def _eval(self) -> None:
+        for net in self._nets.values():
+            net.eval()
+
+    # ------------------------------------------------------------------ scoring
+    @staticmethod
+    def _to_model(images: torch.Tensor) -> torch.Tensor:
+        """[0, 1] -> [-1, 1], the seed's Normalize(mean=0.5, std=0.5)."""
+        return images * 2 - 1
+
+    @torch.no_grad()
+    def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._eval()
+        x = self._to_model(images.float())
+        rec = self.generator(self.encoder(x))
+        a_r = ((x - rec) ** 2).flatten(1).mean(1)
+        a_d = ((self.critic.features(x) - self.critic.features(rec)) ** 2).mean(1)
+        maps = (x - rec).abs().mean(1) / 2  # |x - G(E(x))| in [0, 1] intensity units
+        return a_r + self.config.kappa * a_d, maps
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """G(E(x)) in [0, 1]: the closest normal-looking image the model can produce."""
+        self._eval()
+        rec = self.generator(self.encoder(self._to_model(images.float())))
+        return ((rec + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int = 0) -> torch.Tensor:
+        """``n`` generated images (n, 3, S, S) in [0, 1], the same for the same seed."""
+        self._eval()
+        z = self._latent(n, torch.Generator().manual_seed(seed))
+        return ((self.generator(z) + 1) / 2).clamp(0, 1)
+
+    def _latent(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.rand(n, self.config.latent_dim, generator=gen) * 2 - 1
+
+    # ------------------------------------------------------------------ state
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{key}.{name}": t for key, net in self._nets.items()
+                for name, t in net.state_dict().items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, net in self._nets.items():
+            prefix = f"{key}."
+            net.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                 if k.startswith(prefix)})
+        self._eval()
+
+    # ------------------------------------------------------------------ training
+    def fit(self, images: torch.utils.data.Dataset, workdir: Path | None = None) -> None:
+        data = self._load_images(images)
+        workdir = Path(workdir) if workdir is not None else None
+        if workdir is not None:
+            workdir.mkdir(parents=True, exist_ok=True)
+        fingerprint = self._fingerprint(data)
+        gen = torch.Generator().manual_seed(self.config.seed)
+        self._train_stage1(data, gen, workdir, fingerprint)
+        self._train_stage2(data, gen, workdir, fingerprint)
+        self._eval()
+        if workdir is not None:
+            self._plot_losses(workdir)
+
+    def _load_images(self, images: torch.utils.data.Dataset) -> torch.Tensor:
+        """All training images as one (N, 3, S, S) tensor: decoded once, not every epoch."""
+        if len(images) == 0:
+            raise FlawscopeError("fanogan: no training images")
+        loader = torch.utils.data.DataLoader(images, batch_size=64)
+        data = torch.cat([batch.float() for batch in loader])
+        size = self.image_size
+        if tuple(data.shape[1:]) != (3, size, size):
+            raise FlawscopeError(f"fanogan: expected images of shape (3, {size}, {size}), "
+                                 f"got {tuple(data.shape[1:])}")
+        return data
+
+    def _fingerprint(self, data: torch.Tensor) -> str:
+        """Identifies settings + images, so a checkpoint is only resumed by the same fit."""
+        settings = {k: v for k, v in dataclasses.asdict(self.config).items()
+                    if k not in _RESUMABLE_CHANGES}
+        digest = hashlib.sha256((data * 255).round().to(torch.uint8).numpy().tobytes())
+        return json.dumps(settings, sort_keys=True) + f" data={digest.hexdigest()}"
+
+    def _batches(self, n: int) -> int:
+        bpe = self.config.batches_per_epoch
+        return bpe if bpe > 0 else math.ceil(n / self.config.batch_size)
+
+    def _epoch_order(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """Image indices of one epoch: shuffled passes, cut to whole batches if fixed size."""
+        bpe = self.config.batches_per_epoch
+        if bpe <= 0:
+            return torch.randperm(n, generator=gen)
+        need = bpe * self.config.batch_size
+        perms = [torch.randperm(n, generator=gen) for _ in range(math.ceil(need / n))]
+        return torch.cat(perms)[:need]
+
+    def _batch(self, data: torch.Tensor, order: torch.Tensor, b: int,
+               gen: torch.Generator) -> torch.Tensor:
+        bs = self.config.batch_size
+        x = data[order[b * bs:(b + 1) * bs]]
+        if self.config.hflip:
+            flip = torch.rand(len(x), generator=gen) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return self._to_model(x)
+
+    def _train_stage1(self, data: torch.Tensor, gen: torch.Generator, workdir: Path | None,
+                      fingerprint: str) -> None:
+        c = self.config
+        G, D = self.generator, self.critic
+        opt_g = torch.optim.Adam(G.parameters(), lr=c.lr, betas=(c.adam_beta1, c.adam_beta2))
+        opt_d = torch.optim.Adam(D.parameters(), lr=c.lr, betas=(c.adam_beta1, c.adam_beta2))
+        # Fixed latent codes so the sample grids of different epochs are comparable.
+        z_show = self._latent(64, torch.Generator().manual_seed(c.seed + 1))
+
+        def step(x: torch.Tensor, n_step: int) -> dict[str, float]:
+            G.train()
+            D.train()
+            b = len(x)
+            with torch.no_grad():
+                fake = G(self._latent(b, gen))
+            mix = torch.rand(b, 1, 1, 1, generator=gen)
+            d_real, d_fake = D(x).mean(), D(fake).mean()
+            gp = gradient_penalty(D, x, fake, mix, c.gp_weight)
+            d_loss = d_fake - d_real + gp
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+            losses = {"critic_loss": d_loss.item(), "wasserstein": (d_real - d_fake).item(),
+                      "gradient_penalty": gp.item()}
+            if n_step % c.n_critic == 0:
+                D.requires_grad_(False)  # the generator step must not touch the critic
+                g_loss = -D(G(self._latent(b, gen))).mean()
+                opt_g.zero_grad(set_to_none=True)
+                g_loss.backward()
+                opt_g.step()
+                D.requires_grad_(True)
+                losses["generator_loss"] = g_loss.item()
+            return losses
+
+        def pictures(epoch: int) -> None:
+            self._eval()
+            with torch.no_grad():
+                samples = (G(z_show) + 1) / 2
+            _save_grid(samples, 8, workdir / f"stage1_samples_epoch{epoch:05d}.png")
+
+        self._run_stage(
+            "stage1", "f-AnoGAN stage 1 (WGAN-GP)", data, gen, workdir, fingerprint,
+            epochs=c.stage1_epochs, modules={"G": G, "D": D},
+            optimizers={"G": opt_g, "D": opt_d}, step=step, pictures=pictures,
+            picture_every=c.picture_every_stage1)
+
+    def _train_stage2(self, data: torch.Tensor, gen: torch.Generator, workdir: Path | None,
+                      fingerprint: str) -> None:
+        c = self.config
+        G, D, E = self.generator, self.critic, self.encoder
+        # Frozen: no gradients, and eval mode so that batch-norm statistics stay put too.
+        G.requires_grad_(False)
+        D.requires_grad_(False)
+        opt_e = torch.optim.Adam(E.parameters(), lr=c.lr, betas=(c.adam_beta1, c.adam_beta2))
+        x_show = self._to_model(data[:8])
+
+        def step(x: torch.Tensor, n_step: int) -> dict[str, float]:
+            G.eval()
+            D.eval()
+            E.train()
+            rec = G(E(x))
+            residual = ((x - rec) ** 2).mean()
+            with torch.no_grad():
+                f_real = D.features(x)
+            feature = ((f_real - D.features(rec)) ** 2).mean()
+            loss = residual + c.kappa * feature
+            opt_e.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_e.step()
+            return {"encoder_loss": loss.item(), "residual": residual.item(),
+                    "feature": feature.item()}
+
+        def pictures(epoch: int) -> None:
+            self._eval()
+            with torch.no_grad():
+                rec = G(E(x_show))
+            _save_chain(x_show, rec, workdir / f"stage2_reconstructions_epoch{epoch:05d}.png")
+
+        # Stage 2 is only valid on the G and D that stage 1 finished with.
+        stage2_fingerprint = f"{fingerprint} stage1_epochs={c.stage1_epochs}"
+        try:
+            self._run_stage(
+                "stage2", "f-AnoGAN stage 2 (encoder)", data, gen, workdir,
+                stage2_fingerprint, epochs=c.stage2_epochs, modules={"E": E},
+                optimizers={"E": opt_e}, step=step, pictures=pictures,
+                picture_every=c.picture_every_stage2)
+        finally:
+            G.requires_grad_(True)
+            D.requires_grad_(True)
+
+    def _run_stage(self, stage: str, desc: str, data: torch.Tensor, gen: torch.Generator,
+                   workdir: Path | None, fingerprint: str, epochs: int,
+                   modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                   step: Callable[[torch.Tensor, int], dict[str, float]],
+                   pictures: Callable[[int], None], picture_every: int) -> None:
+        """The epoch loop shared by both stages: resume, progress bar, checkpoints, pictures.
+
+        A checkpoint records the position (epoch, batch), the epoch's image order, the RNG
+        state, weights, optimizer states and the losses so far, so a resumed fit continues
+        exactly as the uninterrupted one would have.
+        """
+        n_batches = self._batches(len(data))
+        path = workdir / (STAGE1_CHECKPOINT if stage == "stage1" else STAGE2_CHECKPOINT) \
+            if workdir is not None else None
+        pos = {"epoch": 0, "batch": 0, "n_step": 0, "order": None, "sums": {}, "history": []}
+        saved = _load_checkpoint(path, fingerprint, epochs) if path is not None else None
+        if saved is not None:
+            for key, net in modules.items():
+                net.load_state_dict(saved["modules"][key])
+            for key, opt in optimizers.items():
+                opt.load_state_dict(saved["optimizers"][key])
+            gen.set_state(saved["rng"])
+            pos = {k: saved[k] for k in pos}
+            log.info("%s: resuming at epoch %d, batch %d", desc, pos["epoch"] + 1,
+                     pos["batch"])
+
+        def save() -> None:
+            if path is None:
+                return
+            _save_checkpoint(path, {
+                "fingerprint": fingerprint, **pos, "rng": gen.get_state(),
+                "modules": {k: net.state_dict() for k, net in modules.items()},
+                "optimizers": {k: opt.state_dict() for k, opt in optimizers.items()}})
+
+        done = pos["epoch"] * n_batches + pos["batch"]
+        bar = tqdm(total=epochs * n_batches, initial=done, desc=desc, disable=None,
+                   mininterval=1.0, unit="batch")
+        shown: dict[str, str] = {}
+        try:
+            while pos["epoch"] < epochs:
+                epoch = pos["epoch"] + 1  # 1-based in files and messages
+                if pos["order"] is None:
+                    pos["order"] = self._epoch_order(len(data), gen)
+                while pos["batch"] < n_batches:
+                    x = self._batch(data, pos["order"], pos["batch"], gen)
+                    pos["n_step"] += 1
+                    losses = step(x, pos["n_step"])
+                    for key, value in losses.items():  # [sum, count]: G is not every batch
+                        total = pos["sums"].setdefault(key, [0.0, 0])
+                        total[0] += value
+                        total[1] += 1
+                    pos["batch"] += 1
+                    shown.update({"epoch": str(epoch),
+                                  **{k: f"{v:.4g}" for k, v in losses.items()}})
+                    bar.update(1)
+                    bar.set_postfix(shown, refresh=False)
+                means = {k: v[0] / v[1] for k, v in pos["sums"].items()}
+                pos["history"].append({"epoch": epoch, **means})
+                pos.update(epoch=epoch, batch=0, order=None, sums={})
+                save()
+                if workdir is not None:
+                    _write_csv(pos["history"], workdir / f"losses_{stage}.csv")
+                    if picture_every > 0 and (epoch == 1 or epoch == epochs
+                                              or epoch % picture_every == 0):
+                        pictures(epoch)
+                        self.history[stage] = pos["history"]
+                        self._plot_losses(workdir)
+                if epoch % max(1, epochs // 10) == 0 or epoch == epochs:
+                    log.info("%s epoch %d/%d: %s", desc, epoch, epochs,
+                             ", ".join(f"{k} {v:.4g}" for k, v in means.items()))
+        except KeyboardInterrupt:
+            save()
+            log.warning("%s interrupted; checkpoint saved, run the same fit again to resume",
+                        desc)
+            raise
+        finally:
+            bar.close()
+        self.history[stage] = pos["history"]
+
+    def _plot_losses(self, workdir: Path) -> None:
+        """Loss curves of both stages side by side (what was trained so far)."""
+        fig = Figure(figsize=(11, 4))  # no pyplot: leaves the caller's backend alone
+        axes = fig.subplots(1, 2)
+        for ax, stage, title in zip(axes, ("stage1", "stage2"),
+                                    ("stage 1: WGAN-GP", "stage 2: encoder (izi_f)"),
+                                    strict=True):
+            rows = self.history[stage]
+            for key in (rows[0] if rows else {}):
+                if key != "epoch":
+                    ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], label=key)
+            ax.set_title(title)
+            ax.set_xlabel("epoch")
+            if rows:
+                ax.legend()
+            if stage == "stage2" and rows:
+                ax.set_yscale("log")
+        fig.tight_layout()
+        fig.savefig(workdir / "losses.png", dpi=100)
+
+
+# ---------------------------------------------------------------------------- files
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save of tensors and plain Python values only, written atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, fingerprint: str, epochs: int) -> dict[str, Any] | None:
+    """The checkpoint to resume from, or None to start fresh.
+
+    Loaded with ``weights_only=True``: a checkpoint file cannot execute code.
+    """
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:  # any unreadable file: tell the user what to delete
+        raise FlawscopeError(f"{path}: unreadable checkpoint ({exc}); delete it to start "
+                             "this training stage over") from None
+    if state.get("fingerprint") != fingerprint:
+        log.warning("%s: made with other settings or images; starting this stage over", path)
+        return None
+    if state["epoch"] > epochs:
+        log.warning("%s: trained %d epochs, more than the %d asked for; starting this stage "
+                    "over", path, state["epoch"], epochs)
+        return None
+    return state
+
+
+def _write_csv(rows: list[dict[str, float]], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        fields = list(dict.fromkeys(k for row in rows for k in row))  # union, in order
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _tile(rows: list[np.ndarray], pad: int = 2) -> Image.Image:
+    """Rows of (n, H, W, 3) uint8 images -> one picture with a white gap between tiles."""
+    n, h, w, _ = rows[0].shape
+    canvas = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for i, im in enumerate(row):
+            y, x = pad + r * (h + pad), pad + i * (w + pad)
+            canvas[y:y + h, x:x + w] = im
+    return Image.fromarray(canvas)
+
+
+def _save_grid(images: torch.Tensor, per_row: int, path: Path) -> None:
+    arr = _to_uint8(images)
+    _tile([arr[i:i + per_row] for i in range(0, len(arr), per_row)]).save(path)
+
+
+def _save_chain(x: torch.Tensor, rec: torch.Tensor, path: Path) -> None:
+    """Rows: real images, G(E(x)), and the residual |x - G(E(x))| as a heat map.
+
+    The heat map's scale is the largest residual in the picture, so the picture shows where
+    the reconstruction fails, not how much compared with other epochs (the CSV does that).
+    """
+    real, recon = (x + 1) / 2, (rec + 1) / 2
+    residual = (real - recon).abs().mean(1)
+    heat = colormaps["inferno"]((residual / residual.max().clamp_min(1e-6)).numpy())[..., :3]
+    heat = (heat * 255).round().astype(np.uint8)
+    _tile([_to_uint8(real), _to_uint8(recon), heat]).save(path)

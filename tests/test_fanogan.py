@@ -1,0 +1,174 @@
+"""f-AnoGAN: the WGAN-GP penalty, frozen G and D in stage 2, resumable and reproducible
+training, and detection on the synthetic object category."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from flawscope.data import ImageDataset, TestDataset, open_category
+from flawscope.errors import FlawscopeError
+from flawscope.modelfile import load_model, save_model
+from flawscope.models.fanogan import FAnoGANConfig, FAnoGANModel, gradient_penalty
+from flawscope.synth import SynthSpec, generate
+
+#: Small enough for a test, long enough to learn the synthetic part: 32 px, 400 critic and
+#: generator updates (n_critic=1 so the generator gets enough of them), 160 encoder updates.
+SHORT_RUN = dict(image_size=32, width=16, stage1_epochs=20, stage2_epochs=8,
+                 batches_per_epoch=20, n_critic=1, picture_every_stage1=10,
+                 picture_every_stage2=4, seed=0)
+#: Tiny nets for tests of the training machinery, not of the result.
+TINY = dict(image_size=16, width=4, latent_dim=8, batch_size=8, batches_per_epoch=3,
+            stage1_epochs=2, stage2_epochs=2, picture_every_stage1=0, picture_every_stage2=0)
+
+
+@pytest.fixture(scope="module")
+def synth_object(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth64")
+    generate(root, SynthSpec(size=64, n_train=60, n_test_good=12, n_test_per_defect=6, seed=1),
+             categories=("synthetic_object",))
+    return root / "synthetic_object"
+
+
+@pytest.fixture(scope="module")
+def trained(synth_object, tmp_path_factory):
+    """One short fit shared by the tests below (about 40 s on one core)."""
+    workdir = tmp_path_factory.mktemp("fanogan") / "training"
+    model = FAnoGANModel(FAnoGANConfig(**SHORT_RUN))
+    train = open_category(synth_object).train
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same result on any machine, and fair to a shared one
+    try:
+        model.fit(ImageDataset(train, model.image_size), workdir=workdir)
+    finally:
+        torch.set_num_threads(threads)
+    return model, workdir
+
+
+def _test_images(category: Path, size: int):
+    items = open_category(category).test
+    dataset = TestDataset(items, size, size)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    return images, [t.defect_type for t in items]
+
+
+def test_gradient_penalty_equals_closed_form_for_a_linear_critic():
+    # D(x) = w·x + b has gradient w everywhere, so GP = lambda·(||w|| - 1)² for any mix.
+    torch.manual_seed(0)
+    w = torch.randn(3 * 8 * 8, requires_grad=True)
+
+    def critic(x):
+        return x.flatten(1) @ w + 0.3
+
+    real, fake = torch.rand(5, 3, 8, 8), torch.rand(5, 3, 8, 8)
+    mix = torch.rand(5, 1, 1, 1)
+    gp = gradient_penalty(critic, real, fake, mix, 10.0)
+    norm = w.detach().norm()
+    assert gp.item() == pytest.approx(10.0 * (norm.item() - 1) ** 2, rel=1e-5)
+    # The graph is kept, so the penalty trains the critic: d/dw = 2·lambda·(||w||-1)·w/||w||.
+    gp.backward()
+    expected = 2 * 10.0 * (norm - 1) * w.detach() / norm
+    assert torch.allclose(w.grad, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_stage2_leaves_generator_and_critic_untouched_and_resumes_stage1(synth_object,
+                                                                        tmp_path):
+    train = ImageDataset(open_category(synth_object).train[:16], 16)
+    workdir = tmp_path / "training"
+    model = FAnoGANModel(FAnoGANConfig(**{**TINY, "stage2_epochs": 0}))
+    model.fit(train, workdir=workdir)
+    after_stage1 = {k: v.clone() for k, v in model.state_tensors().items()}
+    # Same settings except more encoder epochs: stage 1 is resumed as finished, stage 2 runs.
+    model = FAnoGANModel(FAnoGANConfig(**{**TINY, "stage2_epochs": 3}))
+    model.fit(train, workdir=workdir)
+    after_stage2 = model.state_tensors()
+    for key, value in after_stage1.items():
+        if key.startswith(("G.", "D.")):  # weights and batch-norm statistics alike
+            assert torch.equal(value, after_stage2[key]), key
+    assert any(not torch.equal(after_stage1[k], after_stage2[k])
+               for k in after_stage1 if k.startswith("E."))
+    assert all(p.requires_grad for p in model.generator.parameters())  # restored after fit
+    assert len(model.history["stage2"]) == 3
+
+
+def test_interrupted_fit_resumes_to_the_same_weights(synth_object, tmp_path, monkeypatch):
+    train = ImageDataset(open_category(synth_object).train[:16], 16)
+    plain = FAnoGANModel(FAnoGANConfig(**TINY))
+    plain.fit(train, workdir=tmp_path / "plain")
+
+    calls = {"n": 0}
+    original = FAnoGANModel._batch
+
+    def interrupt_once(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 4:  # in stage 1, epoch 2, batch 1: mid-epoch
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(FAnoGANModel, "_batch", interrupt_once)
+    with pytest.raises(KeyboardInterrupt):
+        FAnoGANModel(FAnoGANConfig(**TINY)).fit(train, workdir=tmp_path / "resumed")
+    assert (tmp_path / "resumed" / "fanogan_stage1.pt").is_file()
+    resumed = FAnoGANModel(FAnoGANConfig(**TINY))
+    resumed.fit(train, workdir=tmp_path / "resumed")
+    a, b = plain.state_tensors(), resumed.state_tensors()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert plain.history == resumed.history
+
+
+def test_encoder_loss_falls_and_pictures_are_written(trained):
+    model, workdir = trained
+    losses = [row["encoder_loss"] for row in model.history["stage2"]]
+    assert losses[-1] < 0.8 * losses[0]
+    for name in ("losses.png", "losses_stage1.csv", "losses_stage2.csv",
+                 "stage1_samples_epoch00001.png", "stage1_samples_epoch00020.png",
+                 "stage2_reconstructions_epoch00004.png", "stage2_reconstructions_epoch00008.png"):
+        assert (workdir / name).is_file(), name
+    header = (workdir / "losses_stage1.csv").read_text().splitlines()[0]
+    assert header == "epoch,critic_loss,wasserstein,gradient_penalty,generator_loss"
+
+
+def test_ranks_large_synthetic_defects_above_good_images(trained, synth_object):
+    # At 32 px after a short run, thin scratches and cracks and the faint stain vanish in the
+    # reconstruction error of the whole image; the missing piece (a bite out of the rim)
+    # must stand out. The full-image score of the paper is what is tested.
+    model, _ = trained
+    images, kinds = _test_images(synth_object, 32)
+    keep = [i for i, k in enumerate(kinds) if k in ("good", "missing_piece")]
+    scores, maps = model.score_batch(images[keep])
+    labels = [kinds[i] != "good" for i in keep]
+    assert roc_auc_score(labels, scores.numpy()) > 0.75
+    assert maps.shape == (len(keep), 32, 32)
+
+
+def test_saved_model_scores_identically_and_reconstructs(trained, synth_object, tmp_path):
+    model, _ = trained
+    images, _ = _test_images(synth_object, 32)
+    images = images[:6]
+    save_model(model, tmp_path / "model")
+    loaded, _ = load_model(tmp_path / "model")
+    s1, m1 = model.score_batch(images)
+    s2, m2 = loaded.score_batch(images)
+    assert torch.equal(s1, s2) and torch.equal(m1, m2)
+    rec = loaded.reconstruct(images)
+    assert rec.shape == images.shape and rec.min() >= 0 and rec.max() <= 1
+    # The map is the channel mean of |x - G(E(x))|, in [0, 1] intensity units.
+    assert torch.allclose(m2, (images - rec).abs().mean(1), atol=1e-5)
+    samples = loaded.sample(5, seed=3)
+    assert samples.shape == (5, 3, 32, 32)
+    assert torch.equal(samples, loaded.sample(5, seed=3))
+    assert not torch.equal(samples, loaded.sample(5, seed=4))
+
+
+def test_bad_settings_are_refused_clearly():
+    with pytest.raises(FlawscopeError, match="4·2"):
+        FAnoGANModel(FAnoGANConfig(image_size=48))
+    with pytest.raises(FlawscopeError, match="no training images"):
+        FAnoGANModel(FAnoGANConfig(**TINY)).fit(ImageDataset([], 16))
+    model = FAnoGANModel.from_settings("fast", {"stage1_epochs": "3"})
+    assert model.config.stage1_epochs == 3 and model.image_size == 32
+    assert np.isclose(FAnoGANModel.from_settings("paper").config.lr, 2e-4)
