@@ -198,3 +198,14 @@ def test_same_scores_after_save_and_load(synth_object, tmp_path):
     s2, m2 = loaded.score_tensor(images)
     assert torch.equal(s1, s2) and torch.equal(m1, m2)
     assert manifest["config"]["score_reduction"] == "topk"
+
+
+@pytest.mark.parametrize("name, reduction", [("ae_l2", "topk"), ("ae_ssim", "max")])
+def test_onnx_export_matches_pytorch(name, reduction, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from flawscope.export import export_onnx
+
+    model = get_model_class(name).from_settings("fast", {"image_size": 32,
+                                                         "score_reduction": reduction})
+    export_onnx(model, tmp_path / "m.onnx")  # raises if onnxruntime disagrees with PyTorch
+    assert (tmp_path / "m.onnx").stat().st_size > 0

@@ -45,11 +45,11 @@ def separable_blur(x: torch.Tensor, window: torch.Tensor, pad_mode: str = "refle
 
     Same-size output: the border is padded by half the window (``pad_mode`` as in F.pad).
     """
-    channels = x.shape[1]
+    channels = int(x.shape[1])  # a constant when traced: ONNX needs static kernel shapes
     pad = len(window) // 2
     window = window.to(dtype=x.dtype, device=x.device)
-    kv = window.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
-    kh = window.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
+    kv = window.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
+    kh = window.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
     if pad:
         x = F.pad(x, [pad] * 4, mode=pad_mode)
     x = F.conv2d(x, kv, groups=channels)

@@ -213,7 +213,7 @@ def reduce_map(maps: torch.Tensor, reduction: str, topk: float) -> torch.Tensor:
     if reduction == "mean":
         return flat.mean(1)
     if reduction == "topk":
-        k = max(1, round(topk * flat.shape[1]))
+        k = max(1, round(topk * int(flat.shape[1])))  # int(): a constant when traced
         return flat.topk(k, dim=1).values.mean(1)
     raise FlawscopeError(f"score_reduction={reduction!r}: choose one of "
                          f"{', '.join(SCORE_REDUCTIONS)}")
@@ -281,7 +281,10 @@ class _Autoencoder(AnomalyModel):
         return self._reconstruct01(images.float()).clamp(0, 1)
 
     def onnx_module(self) -> nn.Module:
-        return ScoreBatchModule(self)
+        module = ScoreBatchModule(self)
+        # Registered as a submodule, the weights export as parameters, not as constants.
+        module.net = self.net
+        return module
 
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, torch.Tensor]:
