@@ -114,7 +114,19 @@ def run_benchmark(data: str | Path, models: list[str], categories: list[str] | N
             (folder / "error.txt").write_text(str(exc) + "\n")
     rows = [row_for(p, out) for p in pairs]
     write_tables(rows, out)
+    write_report(out)
     return rows
+
+
+def write_report(out: Path) -> None:
+    """report.html from the saved results; a report bug must not cost the benchmark's
+    results, which stay on disk for `flawscope report` to retry."""
+    from .report import build_report
+
+    try:
+        log.info("wrote %s", build_report(out))
+    except Exception:
+        log.exception("could not write %s/report.html", out)
 
 
 def _fmt(value) -> str:

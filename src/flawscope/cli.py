@@ -144,7 +144,8 @@ def _threshold_line(record: dict | None, warn: bool = True) -> str:
 @click.option("--data", required=True, type=click.Path(path_type=Path),
               help="Category folder with test/ and ground_truth/.")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Results folder: metrics.json and scores.csv.")
+              help="Results folder: metrics.json, scores.csv and report_assets/ (pictures "
+                   "for `flawscope report`).")
 @click.option("--pixel-size", default=256, show_default=True,
               help="Maps and masks are resized to this square size for pixel metrics.")
 @click.option("--batch-size", default=16, show_default=True)
@@ -152,6 +153,7 @@ def test(model_dir: Path, data: Path, out: Path, pixel_size: int, batch_size: in
     """Score a category's test images and write metrics (image/pixel AUROC, AP, AU-PRO...)."""
     import torch
 
+    from .gallery import save_report_assets
     from .modelfile import load_model
     from .pipeline import evaluate, peak_rss_mb
     from .threshold import rates
@@ -181,13 +183,17 @@ def test(model_dir: Path, data: Path, out: Path, pixel_size: int, batch_size: in
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     })
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    # Pictures for `flawscope report`, drawn now because they need the loaded model.
+    save_report_assets(model, manifest, evaluation, out, model_dir)
     with open(out / "scores.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "defect_type", "label", "score"])
         for path, kind, label, score in zip(evaluation.paths, evaluation.defect_types,
                                             evaluation.labels, evaluation.scores, strict=True):
             writer.writerow([str(path), kind, int(label), f"{score:.9g}"])
+    # metrics.json last and atomically: a benchmark treats its presence as "pair done".
+    (out / "metrics.json.tmp").write_text(json.dumps(metrics, indent=2))
+    (out / "metrics.json.tmp").replace(out / "metrics.json")
     click.echo(_metrics_table(metrics))
     click.echo(f"wrote {out / 'metrics.json'}")
 
@@ -320,12 +326,17 @@ def export_cmd(model_dir: Path, fmt: str, out: Path | None) -> None:
               help="Resolution of pixel metrics.")
 def benchmark(data: Path, models: str, categories: str | None, preset: str | None, out: Path,
               force: bool, pixel_size: int) -> None:
-    """Fit and test every model on every category; resumable, one failure does not stop it."""
+    """Fit and test every model on every category; resumable, one failure does not stop it.
+
+    Writes OUT/results.csv, OUT/results.md and OUT/report.html (rebuild the report later with
+    `flawscope report OUT`).
+    """
     from .benchmark import markdown_table, run_benchmark
 
     rows = run_benchmark(data, _split(models) or [], _split(categories), out, preset, force,
                          pixel_size)
     click.echo(markdown_table(rows))
+    click.echo(f"report: {out / 'report.html'}")
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         raise FlawscopeError(f"{len(failed)} of {len(rows)} pairs failed; see error.txt files "
@@ -370,6 +381,19 @@ def serve_cmd(model_dir: Path, host: str, port: int, workers: int, max_upload_mb
 
     serve(model_dir, host, port, access_log=access_log, max_upload_mb=max_upload_mb,
           max_pixels=max_pixels, workers=workers)
+
+
+@cli.command("report")
+@click.argument("results_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def report_cmd(results_dir: Path) -> None:
+    """Rebuild RESULTS_DIR/report.html from a benchmark's saved results (no model is run).
+
+    One self-contained HTML file: summary table, ROC/PR curves, score histograms, AUROC per
+    defect type, heat-map galleries, reconstructions, settings.
+    """
+    from .report import build_report
+
+    click.echo(f"wrote {build_report(results_dir)}")
 
 
 @cli.command("models")
