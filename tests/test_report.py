@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from flawscope.benchmark import run_benchmark
 from flawscope.cli import cli
@@ -261,7 +262,10 @@ def test_reconstructions_and_samples_reach_the_report(tmp_path):
     model = _Reconstructor()
     evaluation = evaluate(model, tmp_path / "data" / "synthetic_object", pixel_size=64)
     folder = tmp_path / "out" / model.name / "synthetic_object"
-    save_report_assets(model, {}, evaluation, folder)
+    model_dir = folder / "model"
+    (model_dir / "training").mkdir(parents=True)
+    Image.new("RGB", (40, 30), "white").save(model_dir / "training" / "losses.png")
+    save_report_assets(model, {}, evaluation, folder, model_dir)
     (folder / "scores.csv").write_text(
         "path,defect_type,label,score\n" + "".join(
             f"{p},{t},{lab},{s}\n" for p, t, lab, s in zip(
@@ -276,6 +280,24 @@ def test_reconstructions_and_samples_reach_the_report(tmp_path):
         for key in ("original", "reconstruction", "residual"):
             assert (folder / ASSETS_DIR / row[key]).is_file()
     assert assets["samples"]["source"].endswith("sample(16)")
+    assert [t["source"] for t in assets["training"]] == ["losses.png"]
     html = build_report(tmp_path / "out").read_text()
     assert "Original / reconstruction / residual" in html and "Generated samples" in html
-    assert_renders_cleanly(tmp_path / "out" / "report.html", min_images=4 + 2 * 6 + 3 * 6 + 1)
+    assert "<h4>Training</h4>" in html
+    assert_renders_cleanly(tmp_path / "out" / "report.html",
+                           min_images=4 + 2 * 6 + 3 * 6 + 1 + 1)
+
+
+def test_samples_fall_back_to_pictures_from_training(tmp_path):
+    """A generative model without ``sample()`` still shows the newest sample grid it drew."""
+    from flawscope.gallery import _samples
+
+    (tmp_path / "model" / "training").mkdir(parents=True)
+    for epoch in (1, 2):
+        Image.new("RGB", (8, 8), (epoch, 0, 0)).save(
+            tmp_path / "model" / "training" / f"stage1_samples_epoch{epoch:05d}.png")
+    (tmp_path / "assets").mkdir()
+    found = _samples(object(), tmp_path / "model", tmp_path / "assets")
+    assert found["source"] == "training picture stage1_samples_epoch00002.png"
+    assert Image.open(tmp_path / "assets" / found["image"]).getpixel((0, 0)) == (2, 0, 0)
+    assert _samples(object(), None, tmp_path / "assets") is None

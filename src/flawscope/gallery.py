@@ -4,7 +4,7 @@
 any model, but galleries need anomaly maps and reconstructions, which only exist while the
 model is loaded. So ``flawscope test`` calls :func:`save_report_assets` right after scoring:
 it picks the few test images a quality engineer wants to look at and writes them as small
-PNGs plus an index (``assets.json``) into ``<results>/report_assets/``.
+JPEGs plus an index (``assets.json``) into ``<results>/report_assets/``.
 
 What is chosen, per (model, category):
 
@@ -16,7 +16,8 @@ What is chosen, per (model, category):
 - ``reconstructions`` (models whose ``reconstruct()`` returns images): original,
   reconstruction and residual of two good images and of the per-type examples;
 - ``samples`` (models with a ``sample(n)`` method, e.g. f-AnoGAN's generator, or whose
-  training folder holds ``*sample*.png`` pictures): a grid of generated images.
+  training folder holds ``*sample*.png`` pictures): a grid of generated images;
+- ``training``: loss curves (``*loss*.png``) the model's training drew in its workdir.
 """
 
 from __future__ import annotations
@@ -207,11 +208,22 @@ def _samples(model, model_dir: Path | None, folder: Path) -> dict | None:
             return {"source": f"{type(model).__name__}.sample({N_SAMPLES})",
                     "image": _save(_grid(images.float().cpu()), folder, "samples")}
     if model_dir is not None and (model_dir / "training").is_dir():
-        found = sorted((model_dir / "training").glob("*sample*"))
+        found = sorted((model_dir / "training").glob("*sample*.png"))
         if found:
-            shutil.copyfile(found[-1], folder / "samples")
+            shutil.copyfile(found[-1], folder / "samples.png")
             return {"source": f"training picture {found[-1].name}", "image": "samples.png"}
     return None
+
+
+def _training_pictures(model_dir: Path | None, folder: Path) -> list[dict]:
+    """Loss curves a model's training drew into ``<model>/training/`` (e.g. losses.png),
+    copied so the report shows whether training converged."""
+    if model_dir is None or not (model_dir / "training").is_dir():
+        return []
+    found = sorted((model_dir / "training").glob("*loss*.png"))[:2]
+    for path in found:
+        shutil.copyfile(path, folder / f"training_{path.name}")
+    return [{"image": f"training_{path.name}", "source": path.name} for path in found]
 
 
 def save_report_assets(model, manifest: dict, evaluation: Evaluation, out: str | Path,
@@ -241,6 +253,8 @@ def save_report_assets(model, manifest: dict, evaluation: Evaluation, out: str |
     good_typical = [int(i) for i in np.flatnonzero(evaluation.labels == 0)[:2]]
     assets["reconstructions"] = _reconstructions(model, evaluation,
                                                  good_typical + indices["examples"], folder)
-    assets["samples"] = _samples(model, Path(model_dir) if model_dir else None, folder)
+    model_dir = Path(model_dir) if model_dir else None
+    assets["samples"] = _samples(model, model_dir, folder)
+    assets["training"] = _training_pictures(model_dir, folder)
     (folder / "assets.json").write_text(json.dumps(assets, indent=2))
     return folder

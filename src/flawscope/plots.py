@@ -116,6 +116,8 @@ def defect_bars(defect_types: list[str], models: list[str],
                [np.nan if h is None else h for h in heights], width, color=colour(i),
                label=model)
     ax.axhline(0.5, color="0.6", lw=1, ls=":")
+    pad = max(0.0, (3 - len(defect_types)) / 2)  # one or two types: bars keep a sane width
+    ax.set_xlim(-0.5 - pad, len(defect_types) - 0.5 + pad)
     ax.set_xticks(x, defect_types, rotation=20, ha="right")
     ax.set(ylabel="image AUROC", ylim=(0, 1.05), title=title)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # never over a bar

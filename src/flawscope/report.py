@@ -200,8 +200,10 @@ def _gallery(pair: PairResult) -> dict | None:
     samples = pair.assets.get("samples")
     if samples:
         samples = samples | {"uri": _file_uri(folder / samples["image"])}
+    training = [t | {"uri": _file_uri(folder / t["image"])}
+                for t in pair.assets.get("training") or []]
     return {"sections": sections, "reconstructions": recon, "samples": samples,
-            "colour_scale": pair.assets.get("colour_scale")}
+            "training": training, "colour_scale": pair.assets.get("colour_scale")}
 
 
 def category_section(category: str, models: list[str],
