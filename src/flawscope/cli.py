@@ -358,7 +358,7 @@ def demo(out: Path, model_name: str, force: bool) -> None:
         generate(data)
     rows = run_benchmark(data, [model_name], list(CATEGORIES), out / "results", force=force)
     click.echo(markdown_table(rows))
-    click.echo(f"results in {out / 'results'}")
+    click.echo(f"results in {out / 'results'}; open {out / 'results' / 'report.html'}")
 
 
 @cli.command("serve")

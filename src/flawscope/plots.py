@@ -63,15 +63,17 @@ def pr_plot(curves: list[tuple[str, np.ndarray, np.ndarray, float | None]],
             title: str) -> bytes:
     """Precision-recall curves of several models: ``(name, labels, scores, ap)`` each."""
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    chance_drawn = False
     for i, (name, labels, scores, ap) in enumerate(curves):
         if not _has_both(labels):
             continue
         precision, recall, _ = precision_recall_curve(labels, scores)
         ax.plot(recall, precision, color=colour(i), lw=1.8,
                 label=f"{name} (AP {ap:.3f})" if ap is not None else name)
-        if i == 0:
+        if not chance_drawn:  # same test set for every model: one chance line
             base = float(np.mean(labels))
             ax.axhline(base, color="0.75", lw=1, ls=":", label=f"chance ({base:.2f})")
+            chance_drawn = True
     ax.set(xlabel="recall (defects caught)", ylabel="precision (flagged that are defective)",
            title=title, xlim=(-0.01, 1.01), ylim=(-0.01, 1.03))
     ax.legend(loc="lower left", fontsize=8)
