@@ -1,4 +1,4 @@
-"""Conv autoencoders, L2 / SSIM loss (Bergmann 2019); preset fast: ~2 min on 2 CPU cores.
+"""Conv autoencoders, L2 / SSIM loss (Bergmann 2019); preset fast: 1-3 min on 2 CPU cores.
 
 ``ae_l2`` and ``ae_ssim`` are the seed's reconstruction models.
 
@@ -56,8 +56,8 @@ Assumptions where the paper is silent or differs from the seed:
 
 **Presets.** ``paper``: the seed's settings (256 px, latent 1024, 300 epochs, batch 70, Adam
 lr 1e-3, random horizontal flip); see the closing notes of issue 3 for seconds per epoch.
-``fast`` (the default): the paper's 128 px network, 160 batches of 32, which trains in
-about 2 minutes on 2 CPU cores: enough for coarse reconstructions, not for fine detail.
+``fast`` (the default): the paper's 128 px network, 128 batches of 16, which trains in
+1-3 minutes on 2 CPU cores: enough for coarse reconstructions, not for fine detail.
 
 **Training** draws every random number (image order, flips) from one generator seeded by
 ``seed``; initial weights come from ``seed`` too, so a fit is reproducible (for the same
@@ -475,8 +475,8 @@ class L2Autoencoder(_Autoencoder):
     presets = {
         # The seed: 256 px, latent 1024, 300 epochs of batch 70, Adam 1e-3, horizontal flip.
         "paper": {},
-        # The paper's 128 px network; 160 batches of 32 = about 2 minutes on 2 CPU cores.
-        "fast": {"image_size": 128, "latent_dim": 100, "epochs": 10, "batch_size": 32,
+        # The paper's 128 px network; 128 batches of 16 = 1-3 minutes on 2 CPU cores.
+        "fast": {"image_size": 128, "latent_dim": 100, "epochs": 8, "batch_size": 16,
                  "batches_per_epoch": 16},
     }
 
