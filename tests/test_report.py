@@ -301,3 +301,22 @@ def test_samples_fall_back_to_pictures_from_training(tmp_path):
     assert found["source"] == "training picture stage1_samples_epoch00002.png"
     assert Image.open(tmp_path / "assets" / found["image"]).getpixel((0, 0)) == (2, 0, 0)
     assert _samples(object(), None, tmp_path / "assets") is None
+
+
+class _BrokenSampler(_Reconstructor):
+    name = "test_broken_sampler"
+
+    def sample(self, n):
+        raise RuntimeError("generator exploded")
+
+
+def test_a_broken_picture_hook_does_not_lose_the_results(tmp_path):
+    generate(tmp_path / "data", SynthSpec(size=32, n_train=2, n_test_good=2,
+                                          n_test_per_defect=1, seed=6), ["synthetic_texture"])
+    model = _BrokenSampler()
+    evaluation = evaluate(model, tmp_path / "data" / "synthetic_texture", pixel_size=32)
+    folder = save_report_assets(model, {}, evaluation, tmp_path / "out")
+    assets = json.loads((folder / "assets.json").read_text())
+    assert assets["samples"] is None
+    assert assets["problems"] == ["samples: RuntimeError: generator exploded"]
+    assert assets["gallery"]["examples"] and assets["reconstructions"]["rows"]

@@ -251,10 +251,22 @@ def save_report_assets(model, manifest: dict, evaluation: Evaluation, out: str |
         "preset": model.preset,
     }
     good_typical = [int(i) for i in np.flatnonzero(evaluation.labels == 0)[:2]]
-    assets["reconstructions"] = _reconstructions(model, evaluation,
-                                                 good_typical + indices["examples"], folder)
     model_dir = Path(model_dir) if model_dir else None
-    assets["samples"] = _samples(model, model_dir, folder)
-    assets["training"] = _training_pictures(model_dir, folder)
+    # The optional, model-specific pictures must never cost the metrics of a long fit: if
+    # a model's reconstruct()/sample() breaks, the report says so instead.
+    assets["problems"] = []
+    optional = {
+        "reconstructions": lambda: _reconstructions(
+            model, evaluation, good_typical + indices["examples"], folder),
+        "samples": lambda: _samples(model, model_dir, folder),
+        "training": lambda: _training_pictures(model_dir, folder),
+    }
+    for key, draw in optional.items():
+        try:
+            assets[key] = draw()
+        except Exception as exc:
+            log.warning("report pictures: %s failed: %s", key, exc)
+            assets[key] = None
+            assets["problems"].append(f"{key}: {type(exc).__name__}: {exc}")
     (folder / "assets.json").write_text(json.dumps(assets, indent=2))
     return folder

@@ -203,7 +203,8 @@ def _gallery(pair: PairResult) -> dict | None:
     training = [t | {"uri": _file_uri(folder / t["image"])}
                 for t in pair.assets.get("training") or []]
     return {"sections": sections, "reconstructions": recon, "samples": samples,
-            "training": training, "colour_scale": pair.assets.get("colour_scale")}
+            "training": training, "colour_scale": pair.assets.get("colour_scale"),
+            "problems": pair.assets.get("problems") or []}
 
 
 def category_section(category: str, models: list[str],
