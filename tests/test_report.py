@@ -210,8 +210,8 @@ def test_gallery_picks_false_alarms_misses_and_typical_examples():
 def test_summary_marks_the_best_model_per_row():
     from flawscope.report import PairResult
 
-    def pair(model, auroc, fit_s):
-        return PairResult(model, "c", Path("."), "ok",
+    def pair(model, auroc, fit_s, category="c"):
+        return PairResult(model, category, Path("."), "ok",
                           metrics={"image_auroc": auroc, "fit_s": fit_s})
 
     pairs = {("a", "c"): pair("a", 0.9, 5.0), ("b", "c"): pair("b", 0.8, 1.0),
@@ -221,6 +221,13 @@ def test_summary_marks_the_best_model_per_row():
     assert [c["best"] for c in rows["image AUROC"]["cells"]] == [True, False, False]
     assert [c["best"] for c in rows["fit time (s)"]["cells"]] == [False, True, False]
     assert group["status"] == ["ok", "ok", "failed"] and group["errors"][2] == "boom"
+
+    # Means only over the categories every model finished (here only "d").
+    pairs |= {("a", "d"): pair("a", 0.5, 1.0, "d"), ("b", "d"): pair("b", 0.7, 1.0, "d"),
+              ("x", "d"): pair("x", 0.6, 1.0, "d")}
+    *_, mean = summary_table(pairs, ["a", "b", "x"], ["c", "d"])
+    assert mean["name"].endswith("every model finished (d)")
+    assert [c["text"] for c in mean["rows"][0]["cells"]] == ["0.500", "0.700", "0.600"]
 
 
 class _Reconstructor(AnomalyModel):

@@ -165,19 +165,23 @@ def summary_table(pairs: dict[tuple[str, str], PairResult], models: list[str],
         groups.append({"name": category, "anchor": f"cat-{category}", "status": status,
                        "errors": [pairs[(m, category)].error if (m, category) in pairs else ""
                                   for m in models], "rows": rows})
-    if len(categories) > 1:
+    # Means only over categories every model finished: a mean over fewer categories would
+    # flatter (or punish) a model that failed on some.
+    common = [c for c in categories
+              if all((m, c) in pairs and pairs[(m, c)].ok for m in models)]
+    if len(categories) > 1 and common:
         rows = []
         for key, label, higher, fmt in SUMMARY_METRICS[:5]:
             values = []
             for m in models:
-                per_cat = [_number(pairs[(m, c)].metrics.get(key)) if (m, c) in pairs
-                           and pairs[(m, c)].ok else None for c in categories]
-                # A mean over fewer categories would flatter a model that failed on some.
+                per_cat = [_number(pairs[(m, c)].metrics.get(key)) for c in common]
                 values.append(None if any(v is None for v in per_cat) else float(np.mean(per_cat)))
             rows.append(_row(label, values, higher, fmt))
-        groups.append({"name": f"mean over {len(categories)} categories", "anchor": None,
-                       "status": ["ok"] * len(models), "errors": [""] * len(models),
-                       "rows": rows})
+        name = (f"mean over {len(common)} categories" if len(common) == len(categories) else
+                f"mean over the {len(common)} categories every model finished "
+                f"({', '.join(common)})")
+        groups.append({"name": name, "anchor": None, "status": ["ok"] * len(models),
+                       "errors": [""] * len(models), "rows": rows})
     return groups
 
 
