@@ -82,8 +82,11 @@ def pr_plot(curves: list[tuple[str, np.ndarray, np.ndarray, float | None]],
 
 
 def score_histogram(labels: np.ndarray, scores: np.ndarray, f1_threshold: float | None,
-                    title: str, colour_index: int = 0) -> bytes:
-    """Scores of good vs defective test images, with the F1-max threshold drawn."""
+                    title: str, colour_index: int = 0,
+                    decision_threshold: float | None = None) -> bytes:
+    """Scores of good vs defective test images, with the F1-max threshold drawn (the best
+    possible cut, known only with labels) and, if the model has one, its own decision
+    threshold set from good images only (what it will use in production)."""
     labels = np.asarray(labels)
     scores = np.asarray(scores, dtype=np.float64)
     fig, ax = plt.subplots(figsize=(4.6, 3.2))
@@ -97,6 +100,9 @@ def score_histogram(labels: np.ndarray, scores: np.ndarray, f1_threshold: float 
     if f1_threshold is not None:
         ax.axvline(f1_threshold, color="k", ls="--", lw=1.3,
                    label=f"F1-max threshold {f1_threshold:.4g}")
+    if decision_threshold is not None:
+        ax.axvline(decision_threshold, color="tab:purple", ls=":", lw=1.6,
+                   label=f"model's threshold {decision_threshold:.4g}")
     ax.set(xlabel="anomaly score", ylabel="test images", title=title)
     for spine in ("top", "right"):
         ax.spines[spine].set_visible(False)

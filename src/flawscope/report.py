@@ -247,7 +247,8 @@ def category_section(category: str, models: list[str],
             "name": p.model, "metrics": p.metrics,
             "histogram_uri": _data_uri(plots.score_histogram(
                 p.labels, p.scores, _number(p.metrics.get("f1_threshold")),
-                f"{p.model}: scores on {category}", colour_of[p.model])),
+                f"{p.model}: scores on {category}", colour_of[p.model],
+                _number(p.metrics.get("threshold")))),
             "gallery": _gallery(p),
         })
     return section
