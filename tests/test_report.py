@@ -194,6 +194,8 @@ def test_report_rebuilds_from_saved_results_without_models(bench, tmp_path):
     metrics = json.loads((copy / "gaussian" / "synthetic_object" / "metrics.json").read_text())
     assert f"{metrics['image_auroc']:.3f}" in html
     assert "corrupt or truncated" in html
+    empty = CliRunner().invoke(cli, ["report", str(tmp_path / "results" / "gaussian")])
+    assert empty.exit_code == 1 and "no results found" in empty.output
 
 
 # ---------------------------------------------------------------------- smaller pieces

@@ -25,6 +25,7 @@ import jinja2
 import numpy as np
 
 from . import __version__, plots
+from .errors import FlawscopeError
 from .gallery import ASSETS_DIR
 
 log = logging.getLogger(__name__)
@@ -295,6 +296,9 @@ def build_report(out: str | Path) -> Path:
     """Write ``out/report.html`` from the saved results under ``out`` and return its path."""
     out = Path(out)
     keys = discover(out)
+    if not keys:
+        raise FlawscopeError(f"{out}: no results found (expected <model>/<category>/"
+                             "metrics.json or error.txt, as `flawscope benchmark` writes)")
     pairs = {key: load_pair(out, *key) for key in keys}
     models = _unique(m for m, _ in keys)
     categories = _unique(c for _, c in keys)
