@@ -34,6 +34,9 @@ from . import register
 from ._maps import upsample_and_smooth
 from .base import AnomalyModel
 
+#: Positions whose covariance is inverted together (bounds the float64 temporaries).
+_POSITIONS_PER_STEP = 256
+
 
 @dataclass
 class PadimConfig:
@@ -115,9 +118,16 @@ class PadimModel(AnomalyModel):
             outer.baddbmm_(xt, xt.transpose(1, 2))
             n += x.shape[0]
         mean_c = total.double() / n
-        cov = (outer.double() - n * mean_c[:, :, None] * mean_c[:, None, :]) / (n - 1)
-        cov += self.config.eps * torch.eye(cov.shape[-1], dtype=torch.float64)
-        self.inv_cov = torch.linalg.inv(cov).float()
+        eye = self.config.eps * torch.eye(outer.shape[-1], dtype=torch.float64)
+        # Covariance and inverse in float64 but a slice of positions at a time, written into
+        # float32 in place: the peak stays near one float32 copy of the covariances.
+        inv_cov = outer
+        for start in range(0, len(outer), _POSITIONS_PER_STEP):
+            part = slice(start, start + _POSITIONS_PER_STEP)
+            m = mean_c[part]
+            cov = (outer[part].double() - n * m[:, :, None] * m[:, None, :]) / (n - 1) + eye
+            inv_cov[part] = torch.linalg.inv(cov).float()
+        self.inv_cov = inv_cov
         self.mean = (mean_c + shift.double()).float()
 
     @torch.inference_mode()

@@ -73,12 +73,15 @@ class PatchCoreConfig:
 
 
 def nearest_neighbors(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor,
-                      chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+                      chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Distance to, and index of, the nearest bank row for every query row.
 
     ``|q - m|^2 = |q|^2 - 2 q.m + |m|^2`` with one matrix product per chunk of queries, so
-    temporary memory is ``chunk x len(bank)`` floats whatever the number of queries.
+    temporary memory is ``chunk x len(bank)`` floats (at most 64 MiB by default) whatever the
+    number of queries and the size of the bank.
     """
+    if chunk is None:
+        chunk = max(256, min(4096, (1 << 24) // max(1, len(bank))))
     dist = torch.empty(len(queries))
     index = torch.empty(len(queries), dtype=torch.long)
     for start in range(0, len(queries), chunk):
