@@ -107,3 +107,29 @@ def test_gaussian_export_on_real_images(tmp_path):
     export_onnx(model, tmp_path / "m.onnx", manifest, check_images=images)
     _check_file(model, tmp_path / "m.onnx", images)
     assert torch_outputs(model.onnx_module(), images)[0].shape == (6,)
+
+
+TINY = {"ae_l2": {"image_size": 64, "epochs": 1, "batches_per_epoch": 1, "batch_size": 4},
+        "fanogan": {},
+        "padim": {"image_size": 128}}
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_learned_models_export_and_match_pytorch(name, synth_root, tmp_path):
+    """Parity does not depend on how well a model is trained: a briefly fitted one is enough."""
+    from flawscope.models import get_model_class
+
+    cls = get_model_class(name)
+    model = cls.from_settings("fast" if "fast" in cls.presets else None, TINY[name])
+    category = open_category(synth_root / "synthetic_object")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if name == "padim":
+            model.fit(ImageDataset(category.train[:4], model.image_size))
+        images = _images(synth_root / "synthetic_object", model.image_size, 3)
+        report = export_onnx(model, tmp_path / f"{name}.onnx", check_images=images)
+        assert max(report.score_rel_err, report.map_rel_err) < TOLERANCE
+        _check_file(model, report.path, images[:2])
+    finally:
+        torch.set_num_threads(before)

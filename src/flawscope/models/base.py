@@ -159,6 +159,11 @@ class ScoreBatchModule(torch.nn.Module):
     def __init__(self, model: AnomalyModel):
         super().__init__()
         self.model = model
+        # The model's networks become submodules, so their weights export as parameters
+        # (the tracer refuses weights that require grad as constants).
+        for key, value in vars(model).items():
+            if isinstance(value, torch.nn.Module):
+                self.add_module(f"net_{key.lstrip('_')}", value)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores, maps = self.model.score_batch(images)

@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from ..errors import FlawscopeError
 from . import register
-from .base import AnomalyModel
+from .base import AnomalyModel, ScoreBatchModule
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +224,10 @@ class FAnoGANModel(AnomalyModel):
     def _to_model(images: torch.Tensor) -> torch.Tensor:
         """[0, 1] -> [-1, 1], the seed's Normalize(mean=0.5, std=0.5)."""
         return images * 2 - 1
+
+    def onnx_module(self) -> torch.nn.Module:
+        """Scoring is a fixed torch graph: exported as is (see ``flawscope export``)."""
+        return ScoreBatchModule(self)
 
     @torch.no_grad()
     def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,7 +32,7 @@ from ..backbones import STAGE_CHANNELS, FeatureExtractor
 from ..errors import FlawscopeError
 from . import register
 from ._maps import upsample_and_smooth
-from .base import AnomalyModel
+from .base import AnomalyModel, ScoreBatchModule
 
 #: Positions whose covariance is inverted together (bounds the float64 temporaries).
 _POSITIONS_PER_STEP = 256
@@ -129,6 +129,10 @@ class PadimModel(AnomalyModel):
             inv_cov[part] = torch.linalg.inv(cov).float()
         self.inv_cov = inv_cov
         self.mean = (mean_c + shift.double()).float()
+
+    def onnx_module(self) -> torch.nn.Module:
+        """Scoring is a fixed torch graph: exported as is (see ``flawscope export``)."""
+        return ScoreBatchModule(self)
 
     @torch.inference_mode()
     def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
