@@ -281,10 +281,7 @@ class _Autoencoder(AnomalyModel):
         return self._reconstruct01(images.float()).clamp(0, 1)
 
     def onnx_module(self) -> nn.Module:
-        module = ScoreBatchModule(self)
-        # Registered as a submodule, the weights export as parameters, not as constants.
-        module.net = self.net
-        return module
+        return ScoreBatchModule(self)  # registers self.net, so weights export as parameters
 
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, torch.Tensor]:
