@@ -80,7 +80,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import signal
 import threading
 from abc import abstractmethod
@@ -97,6 +96,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..errors import FlawscopeError
 from ..ssim import gaussian_window, separable_blur, ssim_map
 from . import register
@@ -369,7 +369,7 @@ class _Autoencoder(AnomalyModel):
         path = workdir / CHECKPOINT if workdir is not None else None
         pos: dict[str, Any] = {"epoch": 0, "batch": 0, "order": None, "loss_sum": 0.0,
                                "history": []}
-        saved = _load_checkpoint(path, fingerprint, c.epochs) if path is not None else None
+        saved = load_checkpoint(path, fingerprint, c.epochs) if path is not None else None
         if saved is not None:
             self.net.load_state_dict(saved["net"])
             opt.load_state_dict(saved["optimizer"])
@@ -380,7 +380,7 @@ class _Autoencoder(AnomalyModel):
 
         def save() -> None:
             if path is not None:
-                _save_checkpoint(path, {"fingerprint": fingerprint, **pos,
+                save_checkpoint(path, {"fingerprint": fingerprint, **pos,
                                         "rng": gen.get_state(), "net": self.net.state_dict(),
                                         "optimizer": opt.state_dict()})
 
@@ -531,33 +531,6 @@ class _DeferredInterrupt:
 
 
 # ---------------------------------------------------------------------------- files
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save of tensors and plain Python values only, written atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _load_checkpoint(path: Path, fingerprint: str, epochs: int) -> dict[str, Any] | None:
-    """The checkpoint to resume from, or None to start fresh.
-
-    Loaded with ``weights_only=True``: a checkpoint file cannot execute code.
-    """
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, weights_only=True)
-    except Exception as exc:  # any unreadable file: tell the user what to delete
-        raise FlawscopeError(f"{path}: unreadable checkpoint ({exc}); delete it to start "
-                             "training over") from None
-    if state.get("fingerprint") != fingerprint:
-        log.warning("%s: made with other settings or images; starting over", path)
-        return None
-    if state["epoch"] > epochs:
-        log.warning("%s: trained %d epochs, more than the %d asked for; starting over",
-                    path, state["epoch"], epochs)
-        return None
-    return state
 
 
 def _write_csv(rows: list[dict[str, float]], path: Path) -> None:

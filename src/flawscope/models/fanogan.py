@@ -38,11 +38,9 @@ import hashlib
 import json
 import logging
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +50,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..errors import FlawscopeError
 from . import register
 from .base import AnomalyModel, ScoreBatchModule
@@ -428,7 +427,8 @@ class FAnoGANModel(AnomalyModel):
         path = workdir / (STAGE1_CHECKPOINT if stage == "stage1" else STAGE2_CHECKPOINT) \
             if workdir is not None else None
         pos = {"epoch": 0, "batch": 0, "n_step": 0, "order": None, "sums": {}, "history": []}
-        saved = _load_checkpoint(path, fingerprint, epochs) if path is not None else None
+        saved = (load_checkpoint(path, fingerprint, epochs, "this training stage")
+                 if path is not None else None)
         if saved is not None:
             for key, net in modules.items():
                 net.load_state_dict(saved["modules"][key])
@@ -442,7 +442,7 @@ class FAnoGANModel(AnomalyModel):
         def save() -> None:
             if path is None:
                 return
-            _save_checkpoint(path, {
+            save_checkpoint(path, {
                 "fingerprint": fingerprint, **pos, "rng": gen.get_state(),
                 "modules": {k: net.state_dict() for k, net in modules.items()},
                 "optimizers": {k: opt.state_dict() for k, opt in optimizers.items()}})
@@ -514,33 +514,6 @@ class FAnoGANModel(AnomalyModel):
 
 
 # ---------------------------------------------------------------------------- files
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save of tensors and plain Python values only, written atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _load_checkpoint(path: Path, fingerprint: str, epochs: int) -> dict[str, Any] | None:
-    """The checkpoint to resume from, or None to start fresh.
-
-    Loaded with ``weights_only=True``: a checkpoint file cannot execute code.
-    """
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, weights_only=True)
-    except Exception as exc:  # any unreadable file: tell the user what to delete
-        raise FlawscopeError(f"{path}: unreadable checkpoint ({exc}); delete it to start "
-                             "this training stage over") from None
-    if state.get("fingerprint") != fingerprint:
-        log.warning("%s: made with other settings or images; starting this stage over", path)
-        return None
-    if state["epoch"] > epochs:
-        log.warning("%s: trained %d epochs, more than the %d asked for; starting this stage "
-                    "over", path, state["epoch"], epochs)
-        return None
-    return state
 
 
 def _write_csv(rows: list[dict[str, float]], path: Path) -> None:
