@@ -7,12 +7,18 @@ use, so adding a method is one new module whose class carries ``@register``.
 from __future__ import annotations
 
 import importlib
+import logging
 import pkgutil
 
 from ..errors import FlawscopeError
 from .base import AnomalyModel
 
+log = logging.getLogger(__name__)
+
 _REGISTRY: dict[str, type[AnomalyModel]] = {}
+#: Model modules that failed to import, with the reason: one broken module must not take
+#: every other model (and a running service) down with it.
+_BROKEN: dict[str, str] = {}
 _discovered = False
 
 
@@ -30,7 +36,11 @@ def _discover() -> None:
         return
     for module in pkgutil.iter_modules(__path__):
         if not module.name.startswith("_") and module.name != "base":
-            importlib.import_module(f"{__name__}.{module.name}")
+            try:
+                importlib.import_module(f"{__name__}.{module.name}")
+            except Exception as exc:  # noqa: BLE001 - reported, and named on every lookup
+                _BROKEN[module.name] = f"{type(exc).__name__}: {exc}"
+                log.error("model module %s failed to import: %s", module.name, exc)
     _discovered = True
 
 
@@ -42,7 +52,9 @@ def available_models() -> list[str]:
 def get_model_class(name: str) -> type[AnomalyModel]:
     _discover()
     if name not in _REGISTRY:
-        raise FlawscopeError(f"unknown model {name!r}; available: {', '.join(available_models())}")
+        broken = "".join(f"; module {m} failed to import ({why})" for m, why in _BROKEN.items())
+        raise FlawscopeError(f"unknown model {name!r}; available: "
+                             f"{', '.join(available_models())}{broken}")
     return _REGISTRY[name]
 
 
