@@ -133,3 +133,23 @@ def test_learned_models_export_and_match_pytorch(name, synth_root, tmp_path):
         _check_file(model, report.path, images[:2])
     finally:
         torch.set_num_threads(before)
+
+
+def test_export_in_a_fresh_process_of_a_backbone_model(synth_root, tmp_path):
+    """Regression: in a new process timm's first forward lazily runs a torchvision check
+    that the tracer recorded as an unsupported op; the CLI export must still work."""
+    import subprocess
+    import sys
+
+    from flawscope.data import ImageDataset, open_category
+    from flawscope.modelfile import save_model
+    from flawscope.models import get_model_class
+
+    model = get_model_class("padim").from_settings(None, {"image_size": 64})
+    model.fit(ImageDataset(open_category(synth_root / "synthetic_texture").train[:6], 64))
+    save_model(model, tmp_path / "padim")
+    proc = subprocess.run([sys.executable, "-m", "flawscope", "export", str(tmp_path / "padim"),
+                           "--format", "onnx", "--out", str(tmp_path / "padim.onnx")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "padim.onnx").is_file()

@@ -103,6 +103,9 @@ def export_onnx(model: AnomalyModel, path: str | Path, manifest: dict[str, Any] 
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
+            # One eager run first: lazy one-time work (e.g. torchvision checking its CUDA
+            # build on first use inside timm) must not be recorded into the graph.
+            module(example)
             torch.onnx.export(module, (example,), str(tmp), dynamo=False,
                               opset_version=OPSET, input_names=["images"],
                               output_names=["scores", "maps"],
