@@ -74,7 +74,6 @@ for 760 images at 256 px); nothing else grows with the dataset. Scoring is per b
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import json
@@ -92,13 +91,13 @@ import torch
 import torch.nn.functional as F
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..errors import FlawscopeError
 from ..ssim import gaussian_window, separable_blur, ssim_map
+from ..trainfiles import tile, to_uint8, write_csv
 from . import register
 from .base import AnomalyModel, ScoreBatchModule
 
@@ -426,7 +425,7 @@ class _Autoencoder(AnomalyModel):
                     save()
                     self.history = pos["history"]
                     if workdir is not None:
-                        _write_csv(self.history, workdir / "losses.csv")
+                        write_csv(self.history, workdir / "losses.csv")
                         if c.picture_every > 0 and epoch % c.picture_every == 0:
                             self._pictures(data, workdir)
                     if epoch % max(1, c.epochs // 10) == 0 or epoch == c.epochs:
@@ -440,7 +439,7 @@ class _Autoencoder(AnomalyModel):
         """Loss curve and original / reconstruction / anomaly map of a few train images."""
         self.net.eval()
         if self.history:
-            _write_csv(self.history, workdir / "losses.csv")
+            write_csv(self.history, workdir / "losses.csv")
             fig = Figure(figsize=(6, 4))  # no pyplot: leaves the caller's backend alone
             ax = fig.subplots()
             ax.plot([r["epoch"] for r in self.history], [r["loss"] for r in self.history])
@@ -456,7 +455,7 @@ class _Autoencoder(AnomalyModel):
             rec = self._reconstruct01(x)
             maps = self.anomaly_map(x, rec)
         heat = colormaps["inferno"]((maps / maps.max().clamp_min(1e-6)).numpy())[..., :3]
-        _tile([_to_uint8(x), _to_uint8(rec), (heat * 255).round().astype(np.uint8)]
+        tile([to_uint8(x), to_uint8(rec), (heat * 255).round().astype(np.uint8)]
               ).save(workdir / "reconstructions.png")
 
     loss_name: ClassVar[str] = ""
@@ -533,24 +532,3 @@ class _DeferredInterrupt:
 # ---------------------------------------------------------------------------- files
 
 
-def _write_csv(rows: list[dict[str, float]], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def _tile(rows: list[np.ndarray], pad: int = 2) -> Image.Image:
-    """Rows of (n, H, W, 3) uint8 images -> one picture with a white gap between tiles."""
-    n, h, w, _ = rows[0].shape
-    canvas = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, 3), 255, np.uint8)
-    for r, row in enumerate(rows):
-        for i, im in enumerate(row):
-            y, x = pad + r * (h + pad), pad + i * (w + pad)
-            canvas[y:y + h, x:x + w] = im
-    return Image.fromarray(canvas)

@@ -32,7 +32,6 @@ pictures of training: generated samples, reconstructions, and loss curves (PNG a
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import json
@@ -46,12 +45,12 @@ import numpy as np
 import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..errors import FlawscopeError
+from ..trainfiles import tile, to_uint8, write_csv
 from . import register
 from .base import AnomalyModel, ScoreBatchModule
 
@@ -474,7 +473,7 @@ class FAnoGANModel(AnomalyModel):
                 pos.update(epoch=epoch, batch=0, order=None, sums={})
                 save()
                 if workdir is not None:
-                    _write_csv(pos["history"], workdir / f"losses_{stage}.csv")
+                    write_csv(pos["history"], workdir / f"losses_{stage}.csv")
                     if picture_every > 0 and (epoch == 1 or epoch == epochs
                                               or epoch % picture_every == 0):
                         pictures(epoch)
@@ -516,33 +515,9 @@ class FAnoGANModel(AnomalyModel):
 # ---------------------------------------------------------------------------- files
 
 
-def _write_csv(rows: list[dict[str, float]], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        fields = list(dict.fromkeys(k for row in rows for k in row))  # union, in order
-        writer = csv.DictWriter(f, fieldnames=fields, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def _tile(rows: list[np.ndarray], pad: int = 2) -> Image.Image:
-    """Rows of (n, H, W, 3) uint8 images -> one picture with a white gap between tiles."""
-    n, h, w, _ = rows[0].shape
-    canvas = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, 3), 255, np.uint8)
-    for r, row in enumerate(rows):
-        for i, im in enumerate(row):
-            y, x = pad + r * (h + pad), pad + i * (w + pad)
-            canvas[y:y + h, x:x + w] = im
-    return Image.fromarray(canvas)
-
-
 def _save_grid(images: torch.Tensor, per_row: int, path: Path) -> None:
-    arr = _to_uint8(images)
-    _tile([arr[i:i + per_row] for i in range(0, len(arr), per_row)]).save(path)
+    arr = to_uint8(images)
+    tile([arr[i:i + per_row] for i in range(0, len(arr), per_row)]).save(path)
 
 
 def _save_chain(x: torch.Tensor, rec: torch.Tensor, path: Path) -> None:
@@ -555,4 +530,4 @@ def _save_chain(x: torch.Tensor, rec: torch.Tensor, path: Path) -> None:
     residual = (real - recon).abs().mean(1)
     heat = colormaps["inferno"]((residual / residual.max().clamp_min(1e-6)).numpy())[..., :3]
     heat = (heat * 255).round().astype(np.uint8)
-    _tile([_to_uint8(real), _to_uint8(recon), heat]).save(path)
+    tile([to_uint8(real), to_uint8(recon), heat]).save(path)
