@@ -10,6 +10,7 @@ Usage::
     python benchmarks/compare_anomalib.py setup            # venv with anomalib (once)
     flock /tmp/flawscope-bench.lock python benchmarks/compare_anomalib.py run \\
         --data ../shared/datasets --categories mvtec_ad/toothbrush,battery_weld/welding
+    .anomalib-venv/bin/python benchmarks/compare_anomalib.py probe --files OUT/files.json
 
 anomalib is not a dependency of flawscope: ``setup`` installs it into its own virtual
 environment (default ``.anomalib-venv`` at the repository root, git-ignored), pinned to the
@@ -160,6 +161,52 @@ def worker(args) -> None:
     Path(args.out).with_suffix(".json").write_text(json.dumps(stats))
 
 
+def probe(args) -> None:
+    """Time anomalib's PatchCore fit where it is too slow to finish: the feature pass and the
+    random projection in full, then ``--steps`` iterations of its k-center loop, extrapolated
+    to the coreset size (every iteration does the same work: one distance pass over all
+    projected patches). Runs in the anomalib environment."""
+    import torch
+    from anomalib.models import Patchcore
+    from anomalib.models.components.sampling import KCenterGreedy
+
+    files = json.loads(Path(args.files).read_text())
+    module = Patchcore(backbone=TIMM_NAME, layers=[f"blocks.{i}" for i in LAYERS["patchcore"]],
+                       pre_trained=False, coreset_sampling_ratio=args.coreset_ratio)
+    extractor = module.model.feature_extractor.feature_extractor
+    extractor.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True),
+                              strict=False)
+    net = module.model
+    start = time.perf_counter()
+    net.train()
+    net.feature_extractor.eval()
+    for x in _batches(files["train"], args.image_size):
+        with torch.no_grad():
+            net((x - 0.5) / 0.5)
+    features_s = time.perf_counter() - start
+    with torch.no_grad():
+        sampler = KCenterGreedy(torch.vstack(net.embedding_store), args.coreset_ratio)
+        net.embedding_store.clear()
+        start = time.perf_counter()
+        sampler.model.fit(sampler.embedding)
+        sampler.features = sampler.model.transform(sampler.embedding)
+        sampler.reset_distances()
+        projection_s = time.perf_counter() - start
+        idx = torch.randint(high=sampler.n_observations, size=(1,)).squeeze()
+        start = time.perf_counter()
+        for _ in range(args.steps):  # the body of KCenterGreedy.select_coreset_idxs
+            sampler.update_distances(cluster_center=idx)
+            idx = sampler.get_new_idx()
+            sampler.min_distances.scatter_(0, idx.unsqueeze(0).unsqueeze(1), 0.0)
+        step_s = (time.perf_counter() - start) / args.steps
+    total = features_s + projection_s + step_s * (sampler.coreset_size - 1)
+    print(json.dumps({"patches": sampler.n_observations, "projected_dim": sampler.features.shape[1],
+                      "coreset_size": sampler.coreset_size, "features_s": round(features_s, 1),
+                      "projection_s": round(projection_s, 1), "step_ms": round(1000 * step_s, 2),
+                      "threads": torch.get_num_threads(),
+                      "estimated_fit_s": round(total, 0)}))
+
+
 # ============================================================================ set-up
 def weights_file(venv: Path) -> Path:
     return venv / "flawscope-weights" / f"{TIMM_NAME}.pt"
@@ -185,14 +232,17 @@ def setup(args) -> None:
 
 
 # ============================================================================ driver
-def _files(category: Path, pixel_size: int):
+def _files(category: Path, pixel_size: int, max_train: int = 0):
     import numpy as np
 
     from flawscope.data import open_category, read_mask
 
     cat = open_category(category)
     test = cat.require_test()
-    files = {"train": [str(p) for p in cat.train], "test": [str(t.path) for t in test]}
+    train = list(cat.train)
+    if 0 < max_train < len(train):  # evenly spaced, the same images for both sides
+        train = [train[round(i * len(train) / max_train)] for i in range(max_train)]
+    files = {"train": [str(p) for p in train], "test": [str(t.path) for t in test]}
     labels = np.array([int(t.is_anomalous) for t in test])
     masks = np.stack([read_mask(t.mask_path, pixel_size) if t.mask_path else
                       np.zeros((pixel_size, pixel_size), bool) for t in test])
@@ -228,10 +278,10 @@ def run(args) -> None:
                             capture_output=True, text=True).stdout.strip()
     results = []
     for name in args.categories.split(","):
-        files, labels, masks = _files(Path(args.data) / name, args.image_size)
+        files, labels, masks = _files(Path(args.data) / name, args.image_size, args.max_train)
         (out_dir / "files.json").write_text(json.dumps(files))
         for model in args.models.split(","):
-            row = {"category": name, "model": model}
+            row = {"category": name, "model": model, "train_images": len(files["train"])}
             for side, python in (("flawscope", sys.executable),
                                  ("anomalib", str(venv / "bin" / "python"))):
                 out = out_dir / f"{name.replace('/', '_')}_{model}_{side}.npz"
@@ -269,14 +319,15 @@ def table(results: list[dict], commit: str) -> str:
         return f"{(b[key] / a[key]) if invert else (a[key] / b[key]):.2f}x"
 
     lines = [f"commit {commit}; fs = flawscope, al = anomalib 2.7.0",
-             "| category | model | img AUROC fs / al | pix AUROC fs / al | AU-PRO fs / al "
+             "| category (train images) | model | img AUROC fs / al | pix AUROC fs / al "
+             "| AU-PRO fs / al "
              "| fit s fs / al (speed-up) | infer img/s fs / al (speed-up) "
              "| peak MiB fs / al (ratio) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         a, b = r.get("flawscope", {}), r.get("anomalib", {})
         lines.append(
-            f"| {r['category']} | {r['model']} "
+            f"| {r['category']} ({r.get('train_images', '?')}) | {r['model']} "
             f"| {f(a, 'image_auroc', '.3f')} / {f(b, 'image_auroc', '.3f')} "
             f"| {f(a, 'pixel_auroc', '.3f')} / {f(b, 'pixel_auroc', '.3f')} "
             f"| {f(a, 'aupro', '.3f')} / {f(b, 'aupro', '.3f')} "
@@ -301,14 +352,24 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--coreset-ratio", type=float, default=0.1)
     p.add_argument("--timeout", type=float, default=3600, help="seconds per side and model")
+    p.add_argument("--max-train", type=int, default=0,
+                   help="fit both sides on this many evenly spaced train/good images (0 = all): "
+                        "anomalib's coreset time grows with the square of the patch count")
     p.add_argument("--out", default="/tmp/compare_anomalib")
+    p = sub.add_parser("probe", help="(anomalib venv) time anomalib's coreset loop and "
+                                     "extrapolate its PatchCore fit time")
+    p.add_argument("--files", required=True, help="files.json written by `run`")
+    p.add_argument("--weights", default=str(weights_file(DEFAULT_VENV)))
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--coreset-ratio", type=float, default=0.1)
+    p.add_argument("--steps", type=int, default=300)
     p = sub.add_parser("worker", help=argparse.SUPPRESS)
     for name in ("--side", "--model", "--files", "--out", "--weights"):
         p.add_argument(name, required=True)
     p.add_argument("--image-size", type=int, required=True)
     p.add_argument("--coreset-ratio", type=float, required=True)
     args = parser.parse_args()
-    {"setup": setup, "run": run, "worker": worker}[args.command](args)
+    {"setup": setup, "run": run, "worker": worker, "probe": probe}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -56,11 +56,14 @@ def test_nearest_neighbour_scores_equal_brute_force():
     g = torch.Generator().manual_seed(2)
     bank = torch.randn(700, 24, generator=g)
     queries = torch.randn(1000, 24, generator=g)
-    dist, index = nearest_neighbors(queries, bank, (bank * bank).sum(1), chunk=300)
+    dist, index = nearest_neighbors(queries, bank, (bank * bank).sum(1), query_chunk=300,
+                                     bank_chunk=70)
     full = torch.cdist(queries.double(), bank.double())
     best, best_index = full.min(1)
     torch.testing.assert_close(dist.double(), best, rtol=1e-5, atol=1e-5)
     assert (index == best_index).float().mean() > 0.999  # ties in float32 aside
+    one_tile = nearest_neighbors(queries, bank, (bank * bank).sum(1))  # default tile sizes
+    torch.testing.assert_close(one_tile[0], dist)
 
 
 @pytest.fixture(scope="module")

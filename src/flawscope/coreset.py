@@ -95,7 +95,7 @@ def _block_table(assign: torch.Tensor, k: int, block_size: int) -> torch.Tensor:
 
 
 def greedy_coreset(features: torch.Tensor, n_select: int, projection_dim: int | None = 128,
-                   seed: int = 0, start: int | None = None, block_size: int = 64,
+                   seed: int = 0, start: int | None = None, block_size: int = 16,
                    progress: bool = True) -> torch.Tensor:
     """Indices (in order of selection) of a greedy k-center coreset of ``features``.
 
@@ -118,6 +118,8 @@ def greedy_coreset(features: torch.Tensor, n_select: int, projection_dim: int | 
     table_flat = table.view(-1)
     sq_norms = (blocks * blocks).sum(-1)       # (B, S)
     centre = blocks.mean(1)
+    centre_sq = (centre * centre).sum(1)
+    centre_slack = 2e-5 * centre_sq
     radius = (blocks - centre[:, None]).pow(2).sum(-1).amax(1).sqrt()
     # Slack on the skip test so float rounding can never skip a block that needed a look.
     radius = radius * (1 + 1e-4) + 1e-6
@@ -143,7 +145,11 @@ def greedy_coreset(features: torch.Tensor, n_select: int, projection_dim: int | 
             while True:
                 c = flat[pos]
                 cc = c @ c
-                reach = (centre - c).pow(2).sum(1).sqrt_() - radius
+                # |centre - c| from one matrix-vector product, lowered by a bound on its
+                # float32 rounding (|a|^2 + |b|^2 times a few hundred epsilons) so that it
+                # stays a lower bound and no block that needed a look is skipped.
+                reach = torch.addmv(centre_sq, centre, c, alpha=-2).add_(cc)
+                reach.sub_(centre_slack + 2e-5 * cc).clamp_min_(0).sqrt_().sub_(radius)
                 look = torch.nonzero(reach < block_max).squeeze(1)
                 if len(look) > n_blocks // 2:     # most blocks: one pass, no gathering
                     torch.mv(flat, c, out=dot)

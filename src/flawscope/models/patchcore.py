@@ -73,23 +73,32 @@ class PatchCoreConfig:
 
 
 def nearest_neighbors(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor,
-                      chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distance to, and index of, the nearest bank row for every query row.
+                      query_chunk: int = 1024, bank_chunk: int = 4096,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distance to, and index of, the nearest bank row for every query row (exact).
 
-    ``|q - m|^2 = |q|^2 - 2 q.m + |m|^2`` with one matrix product per chunk of queries, so
-    temporary memory is ``chunk x len(bank)`` floats (at most 64 MiB by default) whatever the
-    number of queries and the size of the bank.
+    ``|q - m|^2 = |q|^2 - 2 q.m + |m|^2``: one matrix product per tile of ``query_chunk``
+    queries by ``bank_chunk`` bank rows, keeping a running minimum. The tile (16 MiB by
+    default) stays in the CPU's cache while it is reduced; one product over the whole bank per
+    chunk of queries wrote and re-read a 64 MiB temporary and was measured 2x slower on the
+    10% screw bank (32,768 rows; 16 images: 5.0 s vs 2.9 s on one thread). faiss-cpu's exact
+    ``IndexFlatL2`` took 2.7 s on the same data: not worth a dependency.
     """
-    if chunk is None:
-        chunk = max(256, min(4096, (1 << 24) // max(1, len(bank))))
     dist = torch.empty(len(queries))
     index = torch.empty(len(queries), dtype=torch.long)
-    for start in range(0, len(queries), chunk):
-        q = queries[start:start + chunk]
-        d2 = torch.addmm(bank_sq, q, bank.T, alpha=-2)  # |m|^2 - 2 q.m
-        best, idx = d2.min(1)
-        dist[start:start + chunk] = (best + (q * q).sum(1)).clamp_min(0).sqrt()
-        index[start:start + chunk] = idx
+    for start in range(0, len(queries), query_chunk):
+        q = queries[start:start + query_chunk]
+        best = torch.full((len(q),), math.inf)
+        arg = torch.zeros(len(q), dtype=torch.long)
+        for first in range(0, len(bank), bank_chunk):
+            d2 = torch.addmm(bank_sq[first:first + bank_chunk], q,
+                             bank[first:first + bank_chunk].T, alpha=-2)  # |m|^2 - 2 q.m
+            value, idx = d2.min(1)
+            better = value < best  # strict: the first of equal distances wins, as in min()
+            best = torch.where(better, value, best)
+            arg = torch.where(better, idx + first, arg)
+        dist[start:start + query_chunk] = (best + (q * q).sum(1)).clamp_min(0).sqrt()
+        index[start:start + query_chunk] = arg
     return dist, index
 
 
