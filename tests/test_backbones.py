@@ -55,8 +55,10 @@ def test_feature_extractor_gives_the_chosen_stages_and_matches_the_classifier(no
     assert extractor.channels == [24, 40, 112] and extractor.strides == [4, 8, 16]
     # Cut after the deepest stage: nothing of stages 5, 6 or the head is kept.
     assert len(extractor.blocks) == 5
+    # Batch norms folded into the convolutions: the same maps up to float rounding.
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in extractor.modules())
     for ours, theirs in zip(feats, reference, strict=True):
-        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
 
 
 def test_missing_weights_package_names_what_to_install(monkeypatch):

@@ -12,7 +12,7 @@ from flawscope.coreset import greedy_coreset, random_projection
 from flawscope.data import ImageDataset, open_category
 from flawscope.modelfile import load_model
 from flawscope.models import get_model_class
-from flawscope.models.patchcore import nearest_neighbors
+from flawscope.nnsearch import ClusteredBank, nearest_neighbors
 from flawscope.synth import SynthSpec, generate
 
 
@@ -57,13 +57,38 @@ def test_nearest_neighbour_scores_equal_brute_force():
     bank = torch.randn(700, 24, generator=g)
     queries = torch.randn(1000, 24, generator=g)
     dist, index = nearest_neighbors(queries, bank, (bank * bank).sum(1), query_chunk=300,
-                                     bank_chunk=70)
+                                    bank_chunk=70)
     full = torch.cdist(queries.double(), bank.double())
     best, best_index = full.min(1)
     torch.testing.assert_close(dist.double(), best, rtol=1e-5, atol=1e-5)
     assert (index == best_index).float().mean() > 0.999  # ties in float32 aside
     one_tile = nearest_neighbors(queries, bank, (bank * bank).sum(1))  # default tile sizes
     torch.testing.assert_close(one_tile[0], dist)
+
+
+def test_clustered_search_finds_the_same_neighbours_as_brute_force():
+    # Clustered rows like real patch features, offset far from the origin (the float32
+    # rounding of |q|^2 - 2 q.m + |m|^2 grows with the norms), and queries both near the bank
+    # (normal patches) and far from it (defects, which need many clusters).
+    g = torch.Generator().manual_seed(5)
+    centres = torch.randn(40, 32, generator=g) * 4 + 20
+    bank = centres[torch.randint(40, (5000,), generator=g)] + torch.randn(5000, 32, generator=g)
+    near = bank[torch.randint(5000, (1500,), generator=g)] + 0.3 * torch.randn(1500, 32,
+                                                                             generator=g)
+    far = torch.randn(100, 32, generator=g) * 10 + 20
+    queries = torch.cat([near, far])
+    search = ClusteredBank(bank, cluster_size=64, min_rows=1000)
+    assert search.n_clusters == 78
+    dist, index = search.search(queries)
+    best, best_index = torch.cdist(queries.double(), bank.double()).min(1)
+    # float32 expansion at norms of ~110: distances agree to a few 1e-3, like brute force's.
+    torch.testing.assert_close(dist.double(), best, rtol=0, atol=5e-3)
+    plain = nearest_neighbors(queries, bank, (bank * bank).sum(1))
+    torch.testing.assert_close(dist, plain[0], rtol=0, atol=5e-3)
+    assert (index == best_index).float().mean() > 0.99  # near-ties may flip in float32
+    assert (dist[1500:] > 5).all()  # the far queries really were far
+    # A small bank is searched plainly.
+    assert ClusteredBank(bank[:100], min_rows=1000).n_clusters == 1
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ After Roth et al., "Towards Total Recall in Industrial Anomaly Detection" (CVPR 
    concatenated: one feature vector per patch position.
 2. Fitting keeps a greedy k-center coreset of all training patches (:mod:`flawscope.coreset`),
    ``coreset_ratio`` of them: nearly the coverage of the full set at a fraction of the size.
-3. A patch's score is the Euclidean distance to its nearest neighbour in the memory bank; the
+3. A patch's score is the Euclidean distance to its nearest neighbour in the memory bank
+   (exact, found by :mod:`flawscope.nnsearch`, which skips most of the bank); the
    image score is the largest patch score (or, with ``reweight``, the paper's re-weighted
    version of it, which discounts a patch whose nearest neighbour sits in a dense region of
    the bank); the map is upsampled to the image and smoothed with a Gaussian of ``sigma``.
@@ -37,6 +38,7 @@ from tqdm import tqdm
 from ..backbones import FeatureExtractor
 from ..coreset import greedy_coreset
 from ..errors import FlawscopeError
+from ..nnsearch import ClusteredBank
 from . import register
 from ._maps import upsample_and_smooth
 from .base import AnomalyModel
@@ -72,36 +74,6 @@ class PatchCoreConfig:
     seed: int = 0
 
 
-def nearest_neighbors(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor,
-                      query_chunk: int = 1024, bank_chunk: int = 4096,
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distance to, and index of, the nearest bank row for every query row (exact).
-
-    ``|q - m|^2 = |q|^2 - 2 q.m + |m|^2``: one matrix product per tile of ``query_chunk``
-    queries by ``bank_chunk`` bank rows, keeping a running minimum. The tile (16 MiB by
-    default) stays in the CPU's cache while it is reduced; one product over the whole bank per
-    chunk of queries wrote and re-read a 64 MiB temporary and was measured 2x slower on the
-    10% screw bank (32,768 rows; 16 images: 5.0 s vs 2.9 s on one thread). faiss-cpu's exact
-    ``IndexFlatL2`` took 2.7 s on the same data: not worth a dependency.
-    """
-    dist = torch.empty(len(queries))
-    index = torch.empty(len(queries), dtype=torch.long)
-    for start in range(0, len(queries), query_chunk):
-        q = queries[start:start + query_chunk]
-        best = torch.full((len(q),), math.inf)
-        arg = torch.zeros(len(q), dtype=torch.long)
-        for first in range(0, len(bank), bank_chunk):
-            d2 = torch.addmm(bank_sq[first:first + bank_chunk], q,
-                             bank[first:first + bank_chunk].T, alpha=-2)  # |m|^2 - 2 q.m
-            value, idx = d2.min(1)
-            better = value < best  # strict: the first of equal distances wins, as in min()
-            best = torch.where(better, value, best)
-            arg = torch.where(better, idx + first, arg)
-        dist[start:start + query_chunk] = (best + (q * q).sum(1)).clamp_min(0).sqrt()
-        index[start:start + query_chunk] = arg
-    return dist, index
-
-
 @register
 class PatchCoreModel(AnomalyModel):
     name = "patchcore"
@@ -126,8 +98,7 @@ class PatchCoreModel(AnomalyModel):
             raise FlawscopeError("stages: need at least one block group")
         self._extractor: FeatureExtractor | None = None
         self.memory_bank: torch.Tensor | None = None
-        self._bank32: torch.Tensor | None = None
-        self._bank_sq: torch.Tensor | None = None
+        self._search: ClusteredBank | None = None
 
     # ----------------------------------------------------------------- features
     @property
@@ -174,20 +145,19 @@ class PatchCoreModel(AnomalyModel):
 
     def _set_bank(self, bank: torch.Tensor) -> None:
         self.memory_bank = bank
-        self._bank32 = bank.float()
-        self._bank_sq = (self._bank32 * self._bank32).sum(1)
+        self._search = ClusteredBank(bank)
 
     # ----------------------------------------------------------------- scoring
     @torch.inference_mode()
     def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._bank32 is None:
+        if self._search is None:
             raise FlawscopeError("patchcore model is not fitted")
         emb = self.embed(images)
         b, c, h, w = emb.shape
         queries = emb.permute(0, 2, 3, 1).reshape(-1, c)
-        dist, index = nearest_neighbors(queries, self._bank32, self._bank_sq)
+        dist, index = self._search.search(queries)
         patch = dist.view(b, h * w)
-        if self.config.reweight and len(self._bank32) > 1:
+        if self.config.reweight and len(self.memory_bank) > 1:
             scores = self._reweighted(patch, index.view(b, h * w), queries.view(b, h * w, c))
         else:
             scores = patch.amax(1)
@@ -198,15 +168,16 @@ class PatchCoreModel(AnomalyModel):
                     queries: torch.Tensor) -> torch.Tensor:
         """Eq. 7 of the paper: s * (1 - softmax of the distances from the worst patch to the
         ``num_neighbors`` bank neighbours of its nearest neighbour)[0]."""
+        bank, bank_sq = self._search.bank, self._search.bank_sq
         rows = torch.arange(len(patch))
         worst = patch.argmax(1)
         score = patch[rows, worst]
-        nearest = self._bank32[index[rows, worst]]
-        k = min(self.config.num_neighbors, len(self._bank32))
-        d2 = torch.addmm(self._bank_sq, nearest, self._bank32.T, alpha=-2)
+        nearest = bank[index[rows, worst]]
+        k = min(self.config.num_neighbors, len(bank))
+        d2 = torch.addmm(bank_sq, nearest, bank.T, alpha=-2)
         support = d2.topk(k, dim=1, largest=False).indices           # includes the neighbour
         feats = queries[rows, worst]                                  # (B, C)
-        dist = (self._bank32[support] - feats[:, None]).pow(2).sum(-1).sqrt()  # (B, k)
+        dist = (bank[support] - feats[:, None]).pow(2).sum(-1).sqrt()  # (B, k)
         weight = 1 - torch.softmax(dist, 1)[:, 0]
         return weight * score
 

@@ -1,0 +1,156 @@
+"""Exact nearest-neighbour search in a memory bank, with clusters to skip most of the work.
+
+PatchCore scores every patch of every image by its distance to the nearest row of the memory
+bank. Done plainly that is one matrix product of (patches x bank) per image: on a 10% screw
+bank (32,768 rows of 152 features) about 2 s for 16 images on 2 cores, four times the backbone,
+and it grows with the bank.
+
+This search returns the same nearest neighbours (up to float32 rounding of equal distances)
+at a fraction of the cost, using the triangle inequality:
+
+1. When the bank is set, it is grouped by k-means into clusters of about ``cluster_size``
+   rows, each with a centre ``c`` and a radius ``r`` (largest distance of a member to ``c``).
+2. For a query ``q``, the exact distance ``u`` to the nearest member of its nearest cluster is
+   an upper bound of the answer; a cluster can hold a closer row only if
+   ``|q - c| - r < u``. Only those (query, cluster) pairs are computed, cluster by cluster,
+   each as one small matrix product.
+
+On the 10% screw bank with clusters of 128 rows, 18% of the (query, cluster) pairs of real
+test images survive the test and the search is 2.1x faster than brute force (0.94 s vs 1.97 s
+for 16 images on 2 cores); a defective patch, far from everything, may need many clusters,
+which is correct and rare. Distances use ``|q - m|^2 = |q|^2 - 2 q.m + |m|^2`` everywhere,
+and the skip test carries a bound on its float32 rounding so that it never skips a cluster
+that was needed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+#: Banks smaller than this are searched by brute force: on a 4,915-row bank the clustered
+#: search was no faster (the pruning test kept 60% of the pairs), on 32,768 rows 2.1x faster.
+MIN_ROWS_TO_CLUSTER = 8192
+
+
+def nearest_neighbors(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor,
+                      query_chunk: int = 2048, bank_chunk: int = 1024,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brute force: distance to, and index of, the nearest bank row for every query row.
+
+    One matrix product per tile of ``query_chunk`` queries by ``bank_chunk`` bank rows with a
+    running minimum: the tile (8 MiB by default) stays in cache while it is reduced. One
+    product over the whole bank per chunk of queries wrote and re-read a 64 MiB temporary and
+    was measured 2x slower (screw bank, 16 images: 5.0 s vs 2.9 s on one thread); faiss-cpu's
+    exact ``IndexFlatL2`` took 2.7 s on the same data, not worth a dependency.
+    """
+    dist = torch.empty(len(queries))
+    index = torch.empty(len(queries), dtype=torch.long)
+    for start in range(0, len(queries), query_chunk):
+        q = queries[start:start + query_chunk]
+        best = torch.full((len(q),), math.inf)
+        arg = torch.zeros(len(q), dtype=torch.long)
+        for first in range(0, len(bank), bank_chunk):
+            d2 = torch.addmm(bank_sq[first:first + bank_chunk], q,
+                             bank[first:first + bank_chunk].T, alpha=-2)  # |m|^2 - 2 q.m
+            value, idx = d2.min(1)
+            better = value < best  # strict: the first of equal distances wins, as in min()
+            best = torch.where(better, value, best)
+            arg = torch.where(better, idx + first, arg)
+        dist[start:start + query_chunk] = (best + (q * q).sum(1)).clamp_min(0).sqrt()
+        index[start:start + query_chunk] = arg
+    return dist, index
+
+
+def _kmeans_centres(points: torch.Tensor, k: int, iterations: int, seed: int) -> torch.Tensor:
+    """``k`` centres after a few Lloyd rounds started from ``k`` seeded distinct rows."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = points[torch.randperm(len(points), generator=gen)[:k]].clone()
+    for _ in range(iterations):
+        assign = _nearest_centre(points, centres)
+        sums = torch.zeros_like(centres).index_add_(0, assign, points)
+        counts = torch.bincount(assign, minlength=k).unsqueeze(1)
+        centres = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
+    return centres
+
+
+def _nearest_centre(points: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    cc = (centres * centres).sum(1)
+    return torch.cat([torch.addmm(cc, chunk, centres.T, alpha=-2).argmin(1)
+                      for chunk in points.split(16384)])
+
+
+class ClusteredBank:
+    """A memory bank prepared for exact search: rows grouped by cluster, centres, radii.
+
+    Built deterministically from the bank alone, so a loaded model searches exactly like the
+    fitted one.
+    """
+
+    def __init__(self, bank: torch.Tensor, cluster_size: int = 128, iterations: int = 8,
+                 seed: int = 0, min_rows: int = MIN_ROWS_TO_CLUSTER):
+        self.bank = bank.float().contiguous()
+        self.bank_sq = (self.bank * self.bank).sum(1)
+        n = len(self.bank)
+        self.n_clusters = n // cluster_size if n >= min_rows else 1
+        if self.n_clusters <= 1:
+            return
+        centres = _kmeans_centres(self.bank, self.n_clusters, iterations, seed)
+        assign = _nearest_centre(self.bank, centres)
+        #: Position in the sorted bank -> row of the original bank.
+        self.order = torch.argsort(assign, stable=True)
+        self.sorted = self.bank[self.order].contiguous()
+        self.sorted_sq = self.bank_sq[self.order].contiguous()
+        counts = torch.bincount(assign, minlength=self.n_clusters)
+        self.starts = (torch.cumsum(counts, 0) - counts).tolist()
+        self.counts = counts.tolist()
+        # The mean of each final cluster (not the last Lloyd centre): tighter radii.
+        sorted_assign = assign[self.order]
+        sums = torch.zeros_like(centres).index_add_(0, sorted_assign, self.sorted)
+        self.centres = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None],
+                                   centres)
+        self.centres_sq = (self.centres * self.centres).sum(1)
+        spread = (self.sorted - self.centres[sorted_assign]).norm(dim=1)
+        radius = torch.zeros(self.n_clusters).scatter_reduce_(0, sorted_assign, spread, "amax")
+        # Slack so that float rounding of the radius can only widen the search.
+        self.radii = radius * (1 + 1e-4) + 1e-6
+
+    def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distance to, and index (into the original bank) of, the nearest row per query."""
+        if self.n_clusters <= 1:
+            return nearest_neighbors(queries, self.bank, self.bank_sq)
+        queries = queries.float().contiguous()
+        q_sq = (queries * queries).sum(1)
+        centre_d2 = torch.addmm(self.centres_sq, queries, self.centres.T, alpha=-2).add_(
+            q_sq[:, None])
+        home = centre_d2.argmin(1)
+        best = torch.full((len(queries),), math.inf)  # squared distances
+        arg = torch.zeros(len(queries), dtype=torch.long)
+        # 1. Upper bound: the nearest member of each query's nearest cluster.
+        for k in torch.unique(home).tolist():
+            self._update(k, torch.nonzero(home == k).squeeze(1), queries, q_sq, best, arg)
+        # 2. Every other cluster that could hold a closer row. A lower bound of |q - c|
+        #    (its square lowered by a bound on the rounding of the expansion) minus the radius.
+        slack = 2e-5 * (q_sq[:, None] + self.centres_sq[None])
+        lower = (centre_d2 - slack).clamp_min_(0).sqrt_().sub_(self.radii)
+        need = (lower < best.sqrt()[:, None]).T.contiguous()  # (clusters, queries)
+        need[home, torch.arange(len(queries))] = False
+        for k in torch.nonzero(need.any(1)).squeeze(1).tolist():
+            self._update(k, torch.nonzero(need[k]).squeeze(1), queries, q_sq, best, arg)
+        return best.clamp_min_(0).sqrt_(), self.order[arg]
+
+    def _update(self, k: int, rows: torch.Tensor, queries: torch.Tensor, q_sq: torch.Tensor,
+                best: torch.Tensor, arg: torch.Tensor) -> None:
+        """Lower ``best``/``arg`` of the query ``rows`` with the members of cluster ``k``."""
+        start, count = self.starts[k], self.counts[k]
+        if count == 0 or len(rows) == 0:
+            return
+        d2 = torch.addmm(self.sorted_sq[start:start + count], queries[rows],
+                         self.sorted[start:start + count].T, alpha=-2)
+        value, idx = d2.min(1)
+        value += q_sq[rows]
+        better = value < best[rows]
+        rows = rows[better]
+        best[rows] = value[better]
+        arg[rows] = idx[better] + start
