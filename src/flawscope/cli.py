@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .allocator import keep_freed_memory
 from .errors import FlawscopeError
 
 log = logging.getLogger("flawscope")
@@ -63,6 +64,7 @@ def cli(verbose: int) -> None:
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()  # every model allocates large tensors over and over
 
 
 @cli.command()

@@ -155,28 +155,26 @@ class PatchCoreModel(AnomalyModel):
         emb = self.embed(images)
         b, c, h, w = emb.shape
         queries = emb.permute(0, 2, 3, 1).reshape(-1, c)
-        dist, index = self._search.search(queries)
-        patch = dist.view(b, h * w)
+        patch = self._search.search(queries).view(b, h * w)
         if self.config.reweight and len(self.memory_bank) > 1:
-            scores = self._reweighted(patch, index.view(b, h * w), queries.view(b, h * w, c))
+            scores = self._reweighted(patch, queries.view(b, h * w, c))
         else:
             scores = patch.amax(1)
         maps = upsample_and_smooth(patch.view(b, h, w), self.image_size, self.config.sigma)
         return scores, maps
 
-    def _reweighted(self, patch: torch.Tensor, index: torch.Tensor,
-                    queries: torch.Tensor) -> torch.Tensor:
+    def _reweighted(self, patch: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """Eq. 7 of the paper: s * (1 - softmax of the distances from the worst patch to the
         ``num_neighbors`` bank neighbours of its nearest neighbour)[0]."""
         bank, bank_sq = self._search.bank, self._search.bank_sq
         rows = torch.arange(len(patch))
         worst = patch.argmax(1)
         score = patch[rows, worst]
-        nearest = bank[index[rows, worst]]
+        feats = queries[rows, worst]                                  # (B, C)
+        nearest = bank[self._search.nearest_index(feats)]
         k = min(self.config.num_neighbors, len(bank))
         d2 = torch.addmm(bank_sq, nearest, bank.T, alpha=-2)
         support = d2.topk(k, dim=1, largest=False).indices           # includes the neighbour
-        feats = queries[rows, worst]                                  # (B, C)
         dist = (bank[support] - feats[:, None]).pow(2).sum(-1).sqrt()  # (B, k)
         weight = 1 - torch.softmax(dist, 1)[:, 0]
         return weight * score
