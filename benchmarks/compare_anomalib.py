@@ -327,6 +327,11 @@ def run(args) -> None:
                            "--files", str(out_dir / "files.json"), "--out", str(out),
                            "--image-size", str(args.image_size), "--seed", str(seed),
                            "--coreset-ratio", str(args.coreset_ratio), "--weights", str(weights)]
+                    done = out.exists() and out.with_suffix(".json").exists()
+                    if side in args.reuse.split(",") and done:
+                        runs.append(_metrics(labels, masks, out))
+                        print(f"{name} {model} {side} seed {seed}: reused {out.name}", flush=True)
+                        continue
                     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), TQDM_DISABLE="1")
                     try:
                         proc = subprocess.run(cmd, env=env, timeout=args.timeout,
@@ -401,6 +406,9 @@ def main() -> None:
                    help="fit both sides on this many evenly spaced train/good images (0 = all): "
                         "anomalib's coreset time grows with the square of the patch count")
     p.add_argument("--out", default="/tmp/compare_anomalib")
+    p.add_argument("--reuse", default="", help="sides (e.g. anomalib) whose runs already in "
+                   "--out are read back instead of repeated: anomalib's figures do not depend "
+                   "on flawscope's commit")
     p = sub.add_parser("probe", help="(anomalib venv) time anomalib's coreset loop and "
                                      "extrapolate its PatchCore fit time")
     p.add_argument("--files", required=True, help="files.json written by `run`")
