@@ -72,7 +72,8 @@ def _batches(paths: list[str], size: int):
         yield _load_images(paths[i:i + BATCH], size)
 
 
-def _flawscope_side(model_name: str, files: dict, size: int, ratio: float, seed: int):
+def _flawscope_side(model_name: str, files: dict, size: int, ratio: float, seed: int,
+                    channels: list[int] | None = None):
     import torch
 
     from flawscope.models import get_model_class
@@ -81,6 +82,8 @@ def _flawscope_side(model_name: str, files: dict, size: int, ratio: float, seed:
     if model_name == "patchcore":
         overrides["coreset_ratio"] = ratio
     model = get_model_class(model_name).from_settings("default", overrides)
+    if channels is not None:  # PaDiM on the very channels anomalib drew (--same-channels)
+        model.channels = torch.tensor(sorted(channels))
 
     class Train(torch.utils.data.Dataset):
         def __len__(self):
@@ -142,6 +145,8 @@ def _anomalib_side(model_name: str, files: dict, size: int, ratio: float, weight
         with torch.no_grad():
             out = net(norm(x))
         return out.pred_score.reshape(-1), out.anomaly_map.reshape(len(x), size, size)
+    if model_name == "padim":
+        infer.channels = sorted(net.idx.tolist())
     return fit_s, infer
 
 
@@ -163,8 +168,10 @@ def worker(args) -> None:
 
     files = json.loads(Path(args.files).read_text())
     if args.side == "flawscope":
+        channels = (json.loads(Path(args.channels_from).read_text())["channels"]
+                    if args.channels_from else None)
         fit_s, infer = _flawscope_side(args.model, files, args.image_size, args.coreset_ratio,
-                                       args.seed)
+                                       args.seed, channels)
     else:
         fit_s, infer = _anomalib_side(args.model, files, args.image_size, args.coreset_ratio,
                                       args.weights, args.seed)
@@ -184,6 +191,8 @@ def worker(args) -> None:
              "e2e_img_per_s": len(files["test"]) / e2e_s,
              "peak_rss_mb": _peak_rss_mb(),
              "threads": torch.get_num_threads()}
+    if args.side == "anomalib" and args.model == "padim":
+        stats["channels"] = infer.channels
     Path(args.out).with_suffix(".json").write_text(json.dumps(stats))
 
 
@@ -296,7 +305,8 @@ def _mean(runs: list[dict]) -> dict:
     """Mean of every figure over seeds, with the per-seed image AUROCs kept for the record."""
     if "error" in runs[0]:
         return runs[0]
-    out = {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]}
+    out = {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]
+           if isinstance(runs[0][key], (int, float))}
     out["seeds"] = len(runs)
     out["image_auroc_per_seed"] = [round(r["image_auroc"], 4) for r in runs]
     return out
@@ -318,8 +328,11 @@ def run(args) -> None:
         (out_dir / "files.json").write_text(json.dumps(files))
         for model in args.models.split(","):
             row = {"category": name, "model": model, "train_images": len(files["train"])}
-            for side, python in (("flawscope", sys.executable),
-                                 ("anomalib", str(venv / "bin" / "python"))):
+            sides = [("flawscope", sys.executable), ("anomalib", str(venv / "bin" / "python"))]
+            matched = args.same_channels and model == "padim"
+            if matched:  # anomalib first: flawscope then uses the channels it drew
+                sides.reverse()
+            for side, python in sides:
                 runs = []
                 for seed in range(args.seeds):
                     out = out_dir / f"{name.replace('/', '_')}_{model}_{side}_seed{seed}.npz"
@@ -327,6 +340,9 @@ def run(args) -> None:
                            "--files", str(out_dir / "files.json"), "--out", str(out),
                            "--image-size", str(args.image_size), "--seed", str(seed),
                            "--coreset-ratio", str(args.coreset_ratio), "--weights", str(weights)]
+                    if matched and side == "flawscope":
+                        twin = out_dir / out.name.replace("_flawscope_", "_anomalib_")
+                        cmd += ["--channels-from", str(twin.with_suffix(".json"))]
                     done = out.exists() and out.with_suffix(".json").exists()
                     if side in args.reuse.split(",") and done:
                         runs.append(_metrics(labels, masks, out))
@@ -406,6 +422,9 @@ def main() -> None:
                    help="fit both sides on this many evenly spaced train/good images (0 = all): "
                         "anomalib's coreset time grows with the square of the patch count")
     p.add_argument("--out", default="/tmp/compare_anomalib")
+    p.add_argument("--same-channels", action="store_true",
+                   help="padim: flawscope uses the random channels anomalib drew for the same "
+                   "seed, so the two differ only in implementation, not in the draw")
     p.add_argument("--reuse", default="", help="sides (e.g. anomalib) whose runs already in "
                    "--out are read back instead of repeated: anomalib's figures do not depend "
                    "on flawscope's commit")
@@ -422,6 +441,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, required=True)
     p.add_argument("--coreset-ratio", type=float, required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--channels-from", default="")
     args = parser.parse_args()
     {"setup": setup, "run": run, "worker": worker, "probe": probe}[args.command](args)
 

@@ -95,6 +95,21 @@ def test_stage2_leaves_generator_and_critic_untouched_and_resumes_stage1(synth_o
     assert len(model.history["stage2"]) == 3
 
 
+def test_encoder_lr_changes_only_stage_two(synth_object):
+    train = ImageDataset(open_category(synth_object).train[:16], 16)
+    fits = []
+    for encoder_lr in (0.0, 1e-2):  # 0 = the adversarial lr, 2e-4
+        model = FAnoGANModel(FAnoGANConfig(**TINY, encoder_lr=encoder_lr))
+        model.fit(train)
+        fits.append(model.state_tensors())
+    same, other = fits
+    for key in same:
+        if key.startswith(("G.", "D.")):
+            assert torch.equal(same[key], other[key]), key
+    changed = [k for k in same if k.startswith("E.") and not torch.equal(same[k], other[k])]
+    assert changed
+
+
 def test_interrupted_fit_resumes_to_the_same_weights(synth_object, tmp_path, monkeypatch):
     train = ImageDataset(open_category(synth_object).train[:16], 16)
     plain = FAnoGANModel(FAnoGANConfig(**TINY))

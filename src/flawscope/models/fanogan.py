@@ -75,6 +75,9 @@ class FAnoGANConfig:
     n_critic: int = 5
     #: Weight of the critic-feature term, in the encoder loss and in the anomaly score.
     kappa: float = 1.0
+    #: Learning rate of the encoder (stage 2); 0 = ``lr``. Stage 2 is plain regression onto a
+    #: fixed G, not a two-player game, so a short run can afford a larger step.
+    encoder_lr: float = 0.0
     stage1_epochs: int = 1500
     stage2_epochs: int = 200
     #: Batches per epoch; 0 = one pass over the training images (the paper's epoch).
@@ -374,7 +377,8 @@ class FAnoGANModel(AnomalyModel):
         # Frozen: no gradients, and eval mode so that batch-norm statistics stay put too.
         G.requires_grad_(False)
         D.requires_grad_(False)
-        opt_e = torch.optim.Adam(E.parameters(), lr=c.lr, betas=(c.adam_beta1, c.adam_beta2))
+        opt_e = torch.optim.Adam(E.parameters(), lr=c.encoder_lr or c.lr,
+                                 betas=(c.adam_beta1, c.adam_beta2))
         x_show = self._to_model(data[:8])
 
         def step(x: torch.Tensor, n_step: int) -> dict[str, float]:
