@@ -17,13 +17,21 @@ environment (default ``.anomalib-venv`` at the repository root, git-ignored), pi
 torch/torchvision flawscope uses, and writes the renamed weights file next to it.
 
 Every (category, model, side) is fitted and tested in its own subprocess, so peak memory
-(``ru_maxrss``) is that side's alone. Inference images/s times the model calls alone (the
+(``VmHWM``) is that side's alone. Inference images/s times the model calls alone (the
 libraries' work); "with decoding" adds the harness's PNG decoding and resizing, the same code
 for both sides. Both sides read the images the same way (PIL, bilinear
 resize to the image size, on the fly in batches of 16) and use all train/good images to fit.
 anomalib's torch models are driven directly (``training_step`` then ``fit`` then the model's
 forward in eval mode), without the Lightning trainer and its metric and visualization
 callbacks: that measures its algorithm, and if anything flatters its timings.
+
+Options for fair and affordable comparisons: ``--seeds N`` seeds both sides and averages;
+``--max-train N`` fits both on the same N evenly spaced train images (anomalib's PatchCore fit
+on a full category takes hours); ``--same-channels`` gives flawscope's PaDiM the random
+channels anomalib drew, so only the implementations differ; ``--reuse anomalib`` reads back
+anomalib runs already in ``--out``. flawscope sets glibc to keep freed memory
+(:mod:`flawscope.allocator`); to give anomalib the same, run the driver with
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824`` in the environment.
 """
 
 from __future__ import annotations
