@@ -29,9 +29,10 @@ Options for fair and affordable comparisons: ``--seeds N`` seeds both sides and 
 ``--max-train N`` fits both on the same N evenly spaced train images (anomalib's PatchCore fit
 on a full category takes hours); ``--same-channels`` gives flawscope's PaDiM the random
 channels anomalib drew, so only the implementations differ; ``--reuse anomalib`` reads back
-anomalib runs already in ``--out``. flawscope sets glibc to keep freed memory
-(:mod:`flawscope.allocator`); to give anomalib the same, run the driver with
-``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824`` in the environment.
+anomalib runs already in ``--out``. The flawscope side keeps freed memory for reuse, as
+flawscope's command line does (:mod:`flawscope.allocator`); to give anomalib the same, run the
+driver with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824`` in the environment
+(measured: its PatchCore fit gets much faster, and on magnetic_tile it ran out of memory).
 """
 
 from __future__ import annotations
@@ -84,7 +85,10 @@ def _flawscope_side(model_name: str, files: dict, size: int, ratio: float, seed:
                     channels: list[int] | None = None):
     import torch
 
+    from flawscope.allocator import keep_freed_memory
     from flawscope.models import get_model_class
+
+    keep_freed_memory()  # what flawscope's command line does in every process
 
     overrides = {"image_size": size, "seed": seed}
     if model_name == "patchcore":

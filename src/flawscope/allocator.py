@@ -5,13 +5,21 @@ and unmaps it on ``free``, so the next tensor of that size faults in every 4 KiB
 A backbone at 256 px allocates and frees activation maps of ~100 MB per layer for a batch of
 16 images. Measured on this project's CPU: zero-filling a new 100 MB tensor took 45 ms from
 ``mmap`` and 4 ms from reused heap memory, and the EfficientNet-Lite0 feature pass of 16
-images went from 0.38 s to 0.22 s.
+images went from 0.38 s to 0.17 s.
 
 :func:`keep_freed_memory` tells glibc to serve large blocks from the heap too and to keep up
-to 1 GiB of free heap for reuse. Peak memory is unchanged in principle (the same tensors are
-alive at the same time); memory is reused instead of returned and re-faulted. Set
-``FLAWSCOPE_KEEP_FREED_MEMORY=0`` to leave the allocator alone; on a C library without
+to 1 GiB of free heap for reuse. For flawscope's models peak memory did not grow; memory is
+reused instead of returned and re-faulted. Set ``FLAWSCOPE_KEEP_FREED_MEMORY=0`` to leave the
+allocator alone; on a C library without
 ``mallopt`` (not glibc) nothing happens.
+
+It is a setting of the whole process, so flawscope applies it only in its own command line
+(``fit``, ``test``, ``predict``, ``benchmark``, ``serve``: processes that run flawscope's models
+and nothing else). A program that uses flawscope as a library calls :func:`keep_freed_memory`
+itself if it wants the speed. Other code may not suit it: anomalib's PatchCore, run with the
+same setting through glibc's environment variables, grew to 23.5 GB on magnetic_tile and was
+killed, where it needs 1.6 GB by default. flawscope's own peaks went down with it (toothbrush
+PatchCore 1276 -> 1141 MiB).
 """
 
 from __future__ import annotations

@@ -25,7 +25,6 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .allocator import keep_freed_memory
 from .errors import FlawscopeError
 
 
@@ -156,7 +155,6 @@ class FeatureExtractor(nn.Module):
     def __init__(self, name: str = "efficientnet_lite0", stages: tuple[int, ...] = (2, 4),
                  channels_last: bool = False):
         super().__init__()
-        keep_freed_memory()  # large activation maps: reuse memory instead of page faults
         stages = tuple(int(s) for s in stages)
         if not stages or any(s < 0 or s >= len(STAGE_CHANNELS) for s in stages):
             raise FlawscopeError(f"stages {stages}: choose block groups among "
