@@ -23,7 +23,7 @@ def upsample_and_smooth(maps: torch.Tensor, size: int, sigma: float) -> torch.Te
     Both steps are linear and separable, so along each axis they are one ``(size, n)`` matrix
     and the whole map is ``A_h @ maps @ A_w.T``: two small matrix products per image instead
     of an upsampling and two 33-tap convolutions over 256 x 256 pixels. Same result up to
-    float rounding; measured 3.7 ms -> 0.2 ms per image.
+    float rounding; measured 3.7 ms -> 0.04 ms per image (16 maps of 32 x 32 to 256 x 256).
     """
     x = maps.float()
     h, w = x.shape[-2:]
