@@ -10,8 +10,7 @@ images went from 0.38 s to 0.17 s.
 :func:`keep_freed_memory` tells glibc to serve large blocks from the heap too and to keep up
 to 1 GiB of free heap for reuse. For flawscope's models peak memory did not grow; memory is
 reused instead of returned and re-faulted. Set ``FLAWSCOPE_KEEP_FREED_MEMORY=0`` to leave the
-allocator alone; on a C library without
-``mallopt`` (not glibc) nothing happens.
+allocator alone; on a C library without ``mallopt`` (not glibc) nothing happens.
 
 It is a setting of the whole process, so flawscope applies it only in its own command line
 (``fit``, ``test``, ``predict``, ``benchmark``, ``serve``: processes that run flawscope's models

@@ -30,7 +30,9 @@ import math
 import torch
 from tqdm import tqdm
 
-#: Rows per chunk in chunked nearest-centre assignment (bounds temporary memory).
+from .kmeans import lloyd, nearest_centre
+
+#: Rows per chunk of the random projection (bounds temporary memory).
 _CHUNK = 16384
 
 
@@ -50,28 +52,12 @@ def random_projection(features: torch.Tensor, dim: int | None,
     return out
 
 
-def _nearest_centre(points: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest centre for every point, in chunks (no N x K matrix at once)."""
-    cc = (centres * centres).sum(1)
-    out = torch.empty(len(points), dtype=torch.long)
-    for start in range(0, len(points), _CHUNK):
-        chunk = points[start:start + _CHUNK]
-        out[start:start + _CHUNK] = (cc - 2 * chunk @ centres.T).argmin(1)
-    return out
-
-
 def _kmeans(points: torch.Tensor, k: int, iterations: int,
             generator: torch.Generator) -> torch.Tensor:
     """Cluster assignment of every point after a few Lloyd rounds on a sample."""
     n = len(points)
     sample = points[torch.randperm(n, generator=generator)[:min(n, 40 * k)]]
-    centres = sample[:k].clone()
-    for _ in range(iterations):
-        assign = _nearest_centre(sample, centres)
-        sums = torch.zeros_like(centres).index_add_(0, assign, sample)
-        counts = torch.bincount(assign, minlength=k).unsqueeze(1)
-        centres = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
-    return _nearest_centre(points, centres)
+    return nearest_centre(points, lloyd(sample, sample[:k].clone(), iterations))
 
 
 def _block_table(assign: torch.Tensor, k: int, block_size: int) -> torch.Tensor:

@@ -29,6 +29,8 @@ import math
 
 import torch
 
+from .kmeans import lloyd, nearest_centre
+
 #: Banks smaller than this are searched by brute force: on a 4,915-row bank the clustered
 #: search was no faster (the pruning test kept 60% of the pairs), on 32,768 rows 2.1x faster.
 MIN_ROWS_TO_CLUSTER = 8192
@@ -66,24 +68,6 @@ def nearest_indices(queries: torch.Tensor, bank: torch.Tensor,
     return torch.addmm(bank_sq, queries.float(), bank.T, alpha=-2).argmin(1)
 
 
-def _kmeans_centres(points: torch.Tensor, k: int, iterations: int, seed: int) -> torch.Tensor:
-    """``k`` centres after a few Lloyd rounds started from ``k`` seeded distinct rows."""
-    gen = torch.Generator().manual_seed(seed)
-    centres = points[torch.randperm(len(points), generator=gen)[:k]].clone()
-    for _ in range(iterations):
-        assign = _nearest_centre(points, centres)
-        sums = torch.zeros_like(centres).index_add_(0, assign, points)
-        counts = torch.bincount(assign, minlength=k).unsqueeze(1)
-        centres = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
-    return centres
-
-
-def _nearest_centre(points: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    cc = (centres * centres).sum(1)
-    return torch.cat([torch.addmm(cc, chunk, centres.T, alpha=-2).argmin(1)
-                      for chunk in points.split(16384)])
-
-
 class ClusteredBank:
     """A memory bank prepared for exact search: rows grouped by cluster, centres, radii.
 
@@ -99,8 +83,10 @@ class ClusteredBank:
         self.n_clusters = n // cluster_size if n >= min_rows else 1
         if self.n_clusters <= 1:
             return
-        centres = _kmeans_centres(self.bank, self.n_clusters, iterations, seed)
-        assign = _nearest_centre(self.bank, centres)
+        gen = torch.Generator().manual_seed(seed)
+        start = self.bank[torch.randperm(n, generator=gen)[:self.n_clusters]]
+        centres = lloyd(self.bank, start, iterations)
+        assign = nearest_centre(self.bank, centres)
         order = torch.argsort(assign, stable=True)  # the bank's rows, cluster by cluster
         self.sorted = self.bank[order].contiguous()
         self.sorted_sq = self.bank_sq[order].contiguous()
