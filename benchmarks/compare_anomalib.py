@@ -348,6 +348,11 @@ def run(args) -> None:
                 runs = []
                 for seed in range(args.seeds):
                     out = out_dir / f"{name.replace('/', '_')}_{model}_{side}_seed{seed}.npz"
+                    done = out.exists() and out.with_suffix(".json").exists()
+                    if side in args.reuse.split(",") and done:
+                        runs.append(_metrics(labels, masks, out))
+                        print(f"{name} {model} {side} seed {seed}: reused {out.name}", flush=True)
+                        continue
                     cmd = [python, __file__, "worker", "--side", side, "--model", model,
                            "--files", str(out_dir / "files.json"), "--out", str(out),
                            "--image-size", str(args.image_size), "--seed", str(seed),
@@ -355,11 +360,6 @@ def run(args) -> None:
                     if matched and side == "flawscope":
                         twin = out_dir / out.name.replace("_flawscope_", "_anomalib_")
                         cmd += ["--channels-from", str(twin.with_suffix(".json"))]
-                    done = out.exists() and out.with_suffix(".json").exists()
-                    if side in args.reuse.split(",") and done:
-                        runs.append(_metrics(labels, masks, out))
-                        print(f"{name} {model} {side} seed {seed}: reused {out.name}", flush=True)
-                        continue
                     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), TQDM_DISABLE="1")
                     try:
                         proc = subprocess.run(cmd, env=env, timeout=args.timeout,
@@ -369,8 +369,12 @@ def run(args) -> None:
                         print(f"{name} {model} {side}: timeout", flush=True)
                         break
                     if proc.returncode != 0:
-                        runs = [{"error": proc.stderr.strip().splitlines()[-1:]}]
-                        print(f"{name} {model} {side}: failed\n{proc.stderr[-2000:]}", flush=True)
+                        # A negative code is a signal: -9 is usually the out-of-memory killer,
+                        # which leaves nothing of its own in stderr.
+                        runs = [{"error": [f"exit {proc.returncode}",
+                                           *proc.stderr.strip().splitlines()[-1:]]}]
+                        print(f"{name} {model} {side}: failed with exit code {proc.returncode}\n"
+                              f"{proc.stderr[-2000:]}", flush=True)
                         break
                     runs.append(_metrics(labels, masks, out))
                     print(f"{name} {model} {side} seed {seed}: {json.dumps(runs[-1])}", flush=True)
