@@ -128,6 +128,20 @@ def test_benchmark_rejects_an_unknown_category_before_fitting(synth_root, tmp_pa
     assert result.exit_code != 0 and "carpet" in result.output
 
 
+def test_benchmark_set_reaches_every_fit_and_a_bad_key_fails_before_fitting(synth_root,
+                                                                            tmp_path):
+    args = ("benchmark", "--data", synth_root, "--models", "gaussian",
+            "--categories", "synthetic_object")
+    result = run(*args, "--set", "sigma=3.5", "--set", "image_size=64", "--out", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(
+        (tmp_path / "a" / "gaussian" / "synthetic_object" / "model" / "manifest.json").read_text())
+    assert manifest["config"]["sigma"] == 3.5 and manifest["config"]["image_size"] == 64
+    result = run(*args, "--set", "sigma_typo=1", "--out", tmp_path / "b")
+    assert result.exit_code != 0 and "sigma_typo" in result.output
+    assert not (tmp_path / "b" / "gaussian").exists()
+
+
 def test_synth_verb_and_models_verb(tmp_path):
     result = run("synth", tmp_path, "--size", "48", "--train", "3", "--test-good", "1",
                  "--test-defect", "1", "--categories", "synthetic_texture")

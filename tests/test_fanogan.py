@@ -16,11 +16,13 @@ from flawscope.modelfile import load_model, save_model
 from flawscope.models.fanogan import FAnoGANConfig, FAnoGANModel, gradient_penalty
 from flawscope.synth import SynthSpec, generate
 
-#: Small enough for a test, long enough to learn the synthetic part: 32 px, 400 critic and
-#: generator updates (n_critic=1 so the generator gets enough of them), 160 encoder updates.
-SHORT_RUN = dict(image_size=32, width=16, stage1_epochs=20, stage2_epochs=8,
-                 batches_per_epoch=20, n_critic=1, picture_every_stage1=10,
-                 picture_every_stage2=4, seed=0)
+#: The short run of the detection test (about 80 s on one core): 32 px, 800 critic and
+#: generator updates (n_critic=1 so that the generator gets enough of them), then 640 encoder
+#: updates at a larger step (stage 2 is plain regression onto a fixed G). Over training seeds
+#: 0-4 this scored image AUROC 0.871, 0.844, 0.853, 0.857 and 0.892 on the test set below.
+SHORT_RUN = dict(image_size=32, width=16, stage1_epochs=40, stage2_epochs=32,
+                 batches_per_epoch=20, n_critic=1, encoder_lr=1e-3, picture_every_stage1=10,
+                 picture_every_stage2=8, seed=0)
 #: Tiny nets for tests of the training machinery, not of the result.
 TINY = dict(image_size=16, width=4, latent_dim=8, batch_size=8, batches_per_epoch=3,
             stage1_epochs=2, stage2_epochs=2, picture_every_stage1=0, picture_every_stage2=0)
@@ -28,15 +30,17 @@ TINY = dict(image_size=16, width=4, latent_dim=8, batch_size=8, batches_per_epoc
 
 @pytest.fixture(scope="module")
 def synth_object(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synth64")
-    generate(root, SynthSpec(size=64, n_train=60, n_test_good=12, n_test_per_defect=6, seed=1),
+    # Made at the short run's resolution: one-pixel scratches and cracks stay one sharp pixel
+    # instead of being halved in contrast by a resize.
+    root = tmp_path_factory.mktemp("synth32")
+    generate(root, SynthSpec(size=32, n_train=60, n_test_good=24, n_test_per_defect=8, seed=1),
              categories=("synthetic_object",))
     return root / "synthetic_object"
 
 
 @pytest.fixture(scope="module")
 def trained(synth_object, tmp_path_factory):
-    """One short fit shared by the tests below (about 40 s on one core)."""
+    """One short fit shared by the tests below."""
     workdir = tmp_path_factory.mktemp("fanogan") / "training"
     model = FAnoGANModel(FAnoGANConfig(**SHORT_RUN))
     train = open_category(synth_object).train
@@ -110,6 +114,36 @@ def test_encoder_lr_changes_only_stage_two(synth_object):
     assert changed
 
 
+def test_new_stage2_settings_reuse_stage1_and_match_a_fresh_fit(synth_object, tmp_path,
+                                                                  monkeypatch):
+    train = ImageDataset(open_category(synth_object).train[:16], 16)
+    workdir = tmp_path / "training"
+    FAnoGANModel(FAnoGANConfig(**TINY)).fit(train, workdir=workdir)
+    other = {**TINY, "kappa": 0.3, "encoder_lr": 1e-3}
+    fresh = FAnoGANModel(FAnoGANConfig(**other))
+    fresh.fit(train)
+
+    batches = {"n": 0}
+    original = FAnoGANModel._batch
+
+    def count(self, *args):
+        batches["n"] += 1
+        return original(self, *args)
+
+    monkeypatch.setattr(FAnoGANModel, "_batch", count)
+    per_stage2 = TINY["stage2_epochs"] * TINY["batches_per_epoch"]
+    reused = FAnoGANModel(FAnoGANConfig(**other))
+    reused.fit(train, workdir=workdir)
+    assert batches["n"] == per_stage2  # stage 1 came from its checkpoint
+    a, b = fresh.state_tensors(), reused.state_tensors()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert fresh.history == reused.history
+    # A stage-1 setting starts stage 1 over.
+    batches["n"] = 0
+    FAnoGANModel(FAnoGANConfig(**{**other, "lr": 1e-3})).fit(train, workdir=workdir)
+    assert batches["n"] > per_stage2
+
+
 def test_interrupted_fit_resumes_to_the_same_weights(synth_object, tmp_path, monkeypatch):
     train = ImageDataset(open_category(synth_object).train[:16], 16)
     plain = FAnoGANModel(FAnoGANConfig(**TINY))
@@ -140,24 +174,29 @@ def test_encoder_loss_falls_and_pictures_are_written(trained):
     losses = [row["encoder_loss"] for row in model.history["stage2"]]
     assert losses[-1] < 0.8 * losses[0]
     for name in ("losses.png", "losses_stage1.csv", "losses_stage2.csv",
-                 "stage1_samples_epoch00001.png", "stage1_samples_epoch00020.png",
-                 "stage2_reconstructions_epoch00004.png", "stage2_reconstructions_epoch00008.png"):
+                 "stage1_samples_epoch00001.png", "stage1_samples_epoch00040.png",
+                 "stage2_reconstructions_epoch00008.png", "stage2_reconstructions_epoch00032.png"):
         assert (workdir / name).is_file(), name
     header = (workdir / "losses_stage1.csv").read_text().splitlines()[0]
     assert header == "epoch,critic_loss,wasserstein,gradient_penalty,generator_loss"
 
 
-def test_ranks_large_synthetic_defects_above_good_images(trained, synth_object):
-    # At 32 px after a short run, thin scratches and cracks and the faint stain vanish in the
-    # reconstruction error of the whole image; the missing piece (a bite out of the rim)
-    # must stand out. The full-image score of the paper is what is tested.
+def test_ranks_synthetic_defects_above_good_images(trained, synth_object):
+    # All four defect types against good parts, with the paper's score A_R + kappa·A_D.
     model, _ = trained
     images, kinds = _test_images(synth_object, 32)
-    keep = [i for i, k in enumerate(kinds) if k in ("good", "missing_piece")]
-    scores, maps = model.score_batch(images[keep])
-    labels = [kinds[i] != "good" for i in keep]
+    scores, maps = model.score_batch(images)
+    labels = [kind != "good" for kind in kinds]
+    assert sorted(set(kinds)) == ["crack", "good", "missing_piece", "scratch", "stain"]
     assert roc_auc_score(labels, scores.numpy()) > 0.75
-    assert maps.shape == (len(keep), 32, 32)
+    assert maps.shape == (len(kinds), 32, 32)
+    # The map is meant to point at the defect: on the missing pieces (the largest defects)
+    # the residual inside the mask is higher than outside it.
+    dataset = TestDataset(open_category(synth_object).test, 32, 32)
+    for i, kind in enumerate(kinds):
+        if kind == "missing_piece":
+            mask = dataset[i][1].bool()
+            assert maps[i][mask].mean() > maps[i][~mask].mean(), dataset.items[i].path
 
 
 def test_saved_model_scores_identically_and_reconstructs(trained, synth_object, tmp_path):

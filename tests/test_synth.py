@@ -75,6 +75,16 @@ def test_object_masks_are_exactly_the_changed_pixels_on_the_part(kind):
     assert largest_channel_change[mask].mean() > 0.15
 
 
+def test_smallest_size_has_every_defect_on_both_categories(tmp_path):
+    generate(tmp_path, SynthSpec(size=32, n_train=1, n_test_good=1, n_test_per_defect=3))
+    for name in ("synthetic_texture", "synthetic_object"):
+        for item in open_category(tmp_path / name).test:
+            if item.mask_path is not None:
+                assert np.asarray(Image.open(item.mask_path)).any(), item.mask_path
+    with pytest.raises(Exception, match="at least 32"):
+        generate(tmp_path / "tiny", SynthSpec(size=24))
+
+
 def test_refuses_to_overwrite_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "synthetic_texture").mkdir()
     (tmp_path / "synthetic_texture" / "precious.txt").write_text("keep me")

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from .data import find_categories
 from .errors import FlawscopeError
 from .models import get_model_class
+from .models.base import coerce_overrides
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,15 @@ class Pair:
         return out / self.model / self.category.name
 
 
-def plan(data: Path, models: list[str], categories: list[str] | None) -> list[Pair]:
-    """Validate names up front so a typo fails before hours of fitting."""
+def plan(data: Path, models: list[str], categories: list[str] | None,
+         settings: dict[str, str] | None = None) -> list[Pair]:
+    """Validate names and settings up front so a typo fails before hours of fitting."""
     for name in models:
-        get_model_class(name)
+        model_class = get_model_class(name)
+        try:
+            coerce_overrides(model_class.Config, settings or {})
+        except FlawscopeError as exc:
+            raise FlawscopeError(f"model {name!r}: {exc}") from None
     if categories:
         folders = []
         for name in categories:
@@ -63,7 +69,8 @@ def _run(args: list[str], log_path: Path) -> None:
         raise RuntimeError(f"flawscope {args[0]} failed: {tail[0]}")
 
 
-def run_pair(pair: Pair, out: Path, preset: str | None, pixel_size: int) -> None:
+def run_pair(pair: Pair, out: Path, preset: str | None, pixel_size: int,
+             settings: dict[str, str] | None = None) -> None:
     folder = pair.folder(out)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "error.txt").unlink(missing_ok=True)
@@ -72,6 +79,8 @@ def run_pair(pair: Pair, out: Path, preset: str | None, pixel_size: int) -> None
                 "--out", str(model_dir)]
     if preset is not None and preset in get_model_class(pair.model).presets:
         fit_args += ["--preset", preset]
+    for key, value in (settings or {}).items():
+        fit_args += ["--set", f"{key}={value}"]
     _run(fit_args, folder / "log.txt")
     _run(["test", "--model", str(model_dir), "--data", str(pair.category), "--out", str(folder),
           "--pixel-size", str(pixel_size)], folder / "log.txt")
@@ -95,9 +104,10 @@ def row_for(pair: Pair, out: Path) -> dict:
 
 def run_benchmark(data: str | Path, models: list[str], categories: list[str] | None,
                   out: str | Path, preset: str | None = None, force: bool = False,
-                  pixel_size: int = 256) -> list[dict]:
+                  pixel_size: int = 256, settings: dict[str, str] | None = None) -> list[dict]:
+    """Fit and test each pair; ``settings`` (KEY -> VALUE) override every model's preset."""
     data, out = Path(data), Path(out)
-    pairs = plan(data, models, categories)
+    pairs = plan(data, models, categories, settings)
     out.mkdir(parents=True, exist_ok=True)
     for pair in tqdm(pairs, desc="benchmark", disable=None):
         folder = pair.folder(out)
@@ -107,7 +117,7 @@ def run_benchmark(data: str | Path, models: list[str], categories: list[str] | N
             continue
         (folder / "metrics.json").unlink(missing_ok=True)
         try:
-            run_pair(pair, out, preset, pixel_size)
+            run_pair(pair, out, preset, pixel_size, settings)
         except Exception as exc:  # one failing pair must not stop the others
             log.error("%s on %s failed: %s", pair.model, pair.category.name, exc)
             folder.mkdir(parents=True, exist_ok=True)

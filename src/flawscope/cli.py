@@ -326,10 +326,13 @@ def export_cmd(model_dir: Path, fmt: str, out: Path | None) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Results folder: results.csv, results.md, one sub-folder per pair.")
 @click.option("--force", is_flag=True, help="Redo pairs whose results already exist.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Override one setting of every model; repeatable. Results already in OUT "
+                   "are kept: use a new --out or --force.")
 @click.option("--pixel-size", default=256, show_default=True,
               help="Resolution of pixel metrics.")
 def benchmark(data: Path, models: str, categories: str | None, preset: str | None, out: Path,
-              force: bool, pixel_size: int) -> None:
+              force: bool, settings: tuple[str, ...], pixel_size: int) -> None:
     """Fit and test every model on every category; resumable, one failure does not stop it.
 
     Writes OUT/results.csv, OUT/results.md and OUT/report.html (rebuild the report later with
@@ -338,7 +341,7 @@ def benchmark(data: Path, models: str, categories: str | None, preset: str | Non
     from .benchmark import markdown_table, run_benchmark
 
     rows = run_benchmark(data, _split(models) or [], _split(categories), out, preset, force,
-                         pixel_size)
+                         pixel_size, _parse_settings(settings))
     click.echo(markdown_table(rows))
     click.echo(f"report: {out / 'report.html'}")
     failed = [r for r in rows if r["status"] != "ok"]

@@ -166,7 +166,10 @@ def add_texture_defect(rng, img, kind):
 def add_object_defect(rng, img, part, kind):
     """Paint a defect onto the part of an RGB object image; returns (image, exact mask)."""
     size = img.shape[0]
-    inner = part & (gaussian_filter(part.astype(float), 2) > 0.99)
+    # Margins in pixels at 64 px and above; narrower below, or at 32 px the ring has no
+    # interior left to draw a scratch on.
+    margin = min(1.0, size / 64)
+    inner = part & (gaussian_filter(part.astype(float), 2 * margin) > 0.99)
     if kind == "scratch":
         line, value = _scratch(rng, size, inner)
         mask = line & part
@@ -179,7 +182,7 @@ def add_object_defect(rng, img, part, kind):
         mask = _blob(rng, size, inner, (0.05, 0.09)) & part
         img = np.where(mask[..., None], 0.5 * img + 0.5 * np.array([0.1, 0.6, 0.55]), img)
     elif kind == "missing_piece":
-        rim = part & ~(gaussian_filter(part.astype(float), 3) > 0.99)
+        rim = part & ~(gaussian_filter(part.astype(float), 3 * margin) > 0.99)
         mask = _blob(rng, size, rim, (0.07, 0.11)) & part
         img = np.where(mask[..., None], 0.08, img)
     else:

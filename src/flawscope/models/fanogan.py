@@ -26,8 +26,10 @@ lets the ``fast`` preset spend the same compute on a 37-image category as on a 7
 All randomness of training (data order, flips, ``z``, gradient-penalty mixing) comes from one
 seeded generator, so a fit is reproducible for a seed (with the same thread count). With a
 ``workdir`` each stage checkpoints after every epoch and on Ctrl-C, and a new ``fit`` with the
-same settings and images resumes where it stopped, bit for bit. The workdir also receives the
-pictures of training: generated samples, reconstructions, and loss curves (PNG and CSV).
+same settings and images resumes where it stopped, bit for bit. A fit that only changes
+``kappa`` or ``encoder_lr`` reuses the finished stage 1 and retrains the encoder alone. The
+workdir also receives the pictures of training: generated samples, reconstructions, and loss
+curves (PNG and CSV).
 """
 
 from __future__ import annotations
@@ -97,6 +99,9 @@ STAGE2_CHECKPOINT = "fanogan_stage2.pt"
 #: Settings that may change between an interrupted fit and its resumption.
 _RESUMABLE_CHANGES = {"stage1_epochs", "stage2_epochs", "picture_every_stage1",
                       "picture_every_stage2"}
+#: Settings that only stage 2 and scoring read: changing them keeps a finished stage 1, so
+#: trying another kappa or encoder schedule costs minutes of stage 2, not hours of stage 1.
+_STAGE2_ONLY = {"kappa", "encoder_lr"}
 
 
 # ---------------------------------------------------------------------------- networks
@@ -275,10 +280,9 @@ class FAnoGANModel(AnomalyModel):
         workdir = Path(workdir) if workdir is not None else None
         if workdir is not None:
             workdir.mkdir(parents=True, exist_ok=True)
-        fingerprint = self._fingerprint(data)
         gen = torch.Generator().manual_seed(self.config.seed)
-        self._train_stage1(data, gen, workdir, fingerprint)
-        self._train_stage2(data, gen, workdir, fingerprint)
+        self._train_stage1(data, gen, workdir, self._fingerprint(data, stage=1))
+        self._train_stage2(data, gen, workdir, self._fingerprint(data, stage=2))
         self._eval()
         if workdir is not None:
             self._plot_losses(workdir)
@@ -295,10 +299,17 @@ class FAnoGANModel(AnomalyModel):
                                  f"got {tuple(data.shape[1:])}")
         return data
 
-    def _fingerprint(self, data: torch.Tensor) -> str:
-        """Identifies settings + images, so a checkpoint is only resumed by the same fit."""
-        settings = {k: v for k, v in dataclasses.asdict(self.config).items()
-                    if k not in _RESUMABLE_CHANGES}
+    def _fingerprint(self, data: torch.Tensor, stage: int) -> str:
+        """Identifies what a stage's result depends on: settings and images.
+
+        A checkpoint is only resumed by a fit with the same fingerprint. Stage 2 continues
+        from stage 1's end, so its fingerprint adds ``stage1_epochs`` and its own settings.
+        """
+        config = dataclasses.asdict(self.config)
+        settings = {k: v for k, v in config.items()
+                    if k not in _RESUMABLE_CHANGES and k not in _STAGE2_ONLY}
+        if stage == 2:
+            settings.update({k: config[k] for k in [*_STAGE2_ONLY, "stage1_epochs"]})
         digest = hashlib.sha256((data * 255).round().to(torch.uint8).numpy().tobytes())
         return json.dumps(settings, sort_keys=True) + f" data={digest.hexdigest()}"
 
@@ -403,12 +414,10 @@ class FAnoGANModel(AnomalyModel):
                 rec = G(E(x_show))
             _save_chain(x_show, rec, workdir / f"stage2_reconstructions_epoch{epoch:05d}.png")
 
-        # Stage 2 is only valid on the G and D that stage 1 finished with.
-        stage2_fingerprint = f"{fingerprint} stage1_epochs={c.stage1_epochs}"
         try:
             self._run_stage(
                 "stage2", "f-AnoGAN stage 2 (encoder)", data, gen, workdir,
-                stage2_fingerprint, epochs=c.stage2_epochs, modules={"E": E},
+                fingerprint, epochs=c.stage2_epochs, modules={"E": E},
                 optimizers={"E": opt_e}, step=step, pictures=pictures,
                 picture_every=c.picture_every_stage2)
         finally:
