@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from flawscope.cli import cli
 from flawscope.data import ImageDataset, open_category
 from flawscope.modelfile import load_model
+from flawscope.models import available_models
 
 
 def run(*args):
@@ -148,7 +149,10 @@ def test_synth_verb_and_models_verb(tmp_path):
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "synthetic_texture" / "train" / "good").iterdir())) == 3
     listing = run("models")
-    assert listing.exit_code == 0 and "gaussian" in listing.output
+    assert listing.exit_code == 0
+    lines = listing.output.splitlines()
+    assert sorted(line.split()[0] for line in lines) == sorted(available_models())
+    assert all(line.endswith(".") for line in lines), lines  # whole sentences, not cut off
 
 
 def test_demo_is_the_main_job_on_built_in_data(tmp_path):

@@ -413,7 +413,7 @@ def list_models() -> None:
         doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip()
         first = doc.splitlines()[0].replace("``", "") if doc else ""
         presets = ", ".join(sorted(cls.presets)) or "-"
-        click.echo(f"{name:<12} presets: {presets:<16} {first}")
+        click.echo(f"{name:<12} presets: {presets:<20} {first}")
 
 
 def main() -> None:

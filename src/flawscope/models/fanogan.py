@@ -1,5 +1,7 @@
-"""``fanogan``: f-AnoGAN (Schlegl et al., "f-AnoGAN: Fast unsupervised anomaly detection with
-generative adversarial networks", Medical Image Analysis 2019).
+"""``fanogan``: f-AnoGAN, a WGAN-GP generator and an izi_f encoder (Schlegl et al. 2019).
+
+Schlegl et al., "f-AnoGAN: Fast unsupervised anomaly detection with generative adversarial
+networks", Medical Image Analysis 2019.
 
 Training has two stages, both on good images only:
 
