@@ -54,10 +54,11 @@ def trained(synth_object, tmp_path_factory):
 
 
 def _test_images(category: Path, size: int):
+    """(images, masks, defect types) of the test set, decoded once."""
     items = open_category(category).test
     dataset = TestDataset(items, size, size)
-    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
-    return images, [t.defect_type for t in items]
+    images, masks, _ = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
+    return torch.stack(images), torch.stack(masks).bool(), [t.defect_type for t in items]
 
 
 def test_gradient_penalty_equals_closed_form_for_a_linear_critic():
@@ -184,7 +185,7 @@ def test_encoder_loss_falls_and_pictures_are_written(trained):
 def test_ranks_synthetic_defects_above_good_images(trained, synth_object):
     # All four defect types against good parts, with the paper's score A_R + kappa·A_D.
     model, _ = trained
-    images, kinds = _test_images(synth_object, 32)
+    images, masks, kinds = _test_images(synth_object, 32)
     scores, maps = model.score_batch(images)
     labels = [kind != "good" for kind in kinds]
     assert sorted(set(kinds)) == ["crack", "good", "missing_piece", "scratch", "stain"]
@@ -192,16 +193,15 @@ def test_ranks_synthetic_defects_above_good_images(trained, synth_object):
     assert maps.shape == (len(kinds), 32, 32)
     # The map is meant to point at the defect: on the missing pieces (the largest defects)
     # the residual inside the mask is higher than outside it.
-    dataset = TestDataset(open_category(synth_object).test, 32, 32)
     for i, kind in enumerate(kinds):
         if kind == "missing_piece":
-            mask = dataset[i][1].bool()
-            assert maps[i][mask].mean() > maps[i][~mask].mean(), dataset.items[i].path
+            mask = masks[i]
+            assert maps[i][mask].mean() > maps[i][~mask].mean(), f"test image {i}"
 
 
 def test_saved_model_scores_identically_and_reconstructs(trained, synth_object, tmp_path):
     model, _ = trained
-    images, _ = _test_images(synth_object, 32)
+    images, _, _ = _test_images(synth_object, 32)
     images = images[:6]
     save_model(model, tmp_path / "model")
     loaded, _ = load_model(tmp_path / "model")

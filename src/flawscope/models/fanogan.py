@@ -289,8 +289,9 @@ class FAnoGANModel(AnomalyModel):
         if workdir is not None:
             workdir.mkdir(parents=True, exist_ok=True)
         gen = torch.Generator().manual_seed(self.config.seed)
-        self._train_stage1(data, gen, workdir, self._fingerprint(data, stage=1))
-        self._train_stage2(data, gen, workdir, self._fingerprint(data, stage=2))
+        digest = hashlib.sha256((data * 255).round().to(torch.uint8).numpy().tobytes()).hexdigest()
+        self._train_stage1(data, gen, workdir, self._fingerprint(digest, stage=1))
+        self._train_stage2(data, gen, workdir, self._fingerprint(digest, stage=2))
         self._eval()
         if workdir is not None:
             self._plot_losses(workdir)
@@ -307,8 +308,8 @@ class FAnoGANModel(AnomalyModel):
                                  f"got {tuple(data.shape[1:])}")
         return data
 
-    def _fingerprint(self, data: torch.Tensor, stage: int) -> str:
-        """Identifies what a stage's result depends on: settings and images.
+    def _fingerprint(self, data_digest: str, stage: int) -> str:
+        """Identifies what a stage's result depends on: settings and images (their digest).
 
         A checkpoint is only resumed by a fit with the same fingerprint. Stage 2 continues
         from stage 1's end, so its fingerprint adds ``stage1_epochs`` and its own settings.
@@ -318,8 +319,7 @@ class FAnoGANModel(AnomalyModel):
                     if k not in _RESUMABLE_CHANGES and k not in _STAGE2_ONLY}
         if stage == 2:
             settings.update({k: config[k] for k in [*_STAGE2_ONLY, "stage1_epochs"]})
-        digest = hashlib.sha256((data * 255).round().to(torch.uint8).numpy().tobytes())
-        return json.dumps(settings, sort_keys=True) + f" data={digest.hexdigest()}"
+        return json.dumps(settings, sort_keys=True) + f" data={data_digest}"
 
     def _batches(self, n: int) -> int:
         bpe = self.config.batches_per_epoch
