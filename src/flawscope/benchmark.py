@@ -8,15 +8,16 @@ pair cannot take the others down, and a rerun skips pairs whose ``metrics.json``
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from . import results
 from .data import find_categories
 from .errors import FlawscopeError
 from .models import get_model_class
@@ -46,15 +47,7 @@ def plan(data: Path, models: list[str], categories: list[str] | None,
             coerce_overrides(model_class.Config, settings or {})
         except FlawscopeError as exc:
             raise FlawscopeError(f"model {name!r}: {exc}") from None
-    if categories:
-        folders = []
-        for name in categories:
-            folder = data / name
-            if not (folder / "train" / "good").is_dir():
-                raise FlawscopeError(f"{folder}: no such category (missing train/good)")
-            folders.append(folder)
-    else:
-        folders = find_categories(data)
+    folders = find_categories(data, categories)
     return [Pair(m, c) for m in models for c in folders]
 
 
@@ -73,7 +66,6 @@ def run_pair(pair: Pair, out: Path, preset: str | None, pixel_size: int,
              settings: dict[str, str] | None = None) -> None:
     folder = pair.folder(out)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "error.txt").unlink(missing_ok=True)
     model_dir = folder / "model"
     fit_args = ["fit", "--data", str(pair.category), "--model", pair.model,
                 "--out", str(model_dir)]
@@ -89,39 +81,47 @@ def run_pair(pair: Pair, out: Path, preset: str | None, pixel_size: int,
 def row_for(pair: Pair, out: Path) -> dict:
     folder = pair.folder(out)
     row = {c: "" for c in COLUMNS} | {"model": pair.model, "category": pair.category.name}
-    if (folder / "metrics.json").is_file():
-        metrics = json.loads((folder / "metrics.json").read_text())
+    row["status"] = results.status(folder)
+    if row["status"] == "ok":
+        metrics = results.read_metrics(folder)
         for key in COLUMNS[2:10]:
             row[key] = metrics.get(key)
-        row["status"] = "ok"
-    elif (folder / "error.txt").is_file():
-        row["status"] = "failed"
-        row["error"] = (folder / "error.txt").read_text().strip()
-    else:
-        row["status"] = "missing"
+    elif row["status"] == "failed":
+        row["error"] = results.read_error(folder)
     return row
 
 
 def run_benchmark(data: str | Path, models: list[str], categories: list[str] | None,
                   out: str | Path, preset: str | None = None, force: bool = False,
-                  pixel_size: int = 256, settings: dict[str, str] | None = None) -> list[dict]:
-    """Fit and test each pair; ``settings`` (KEY -> VALUE) override every model's preset."""
+                  pixel_size: int = 256, settings: dict[str, str] | None = None,
+                  progress=None) -> list[dict]:
+    """Fit and test each pair; ``settings`` (KEY -> VALUE) override every model's preset.
+
+    ``progress`` (e.g. ``print``) gets one line as each pair starts and ends, for logs and
+    redirected output where a progress bar shows nothing.
+    """
     data, out = Path(data), Path(out)
     pairs = plan(data, models, categories, settings)
     out.mkdir(parents=True, exist_ok=True)
-    for pair in tqdm(pairs, desc="benchmark", disable=None):
+    say = progress or (lambda line: None)
+    for i, pair in enumerate(tqdm(pairs, desc="benchmark", disable=None), 1):
         folder = pair.folder(out)
-        if (folder / "metrics.json").is_file() and not force:
+        label = f"[{i}/{len(pairs)}] {pair.model} on {pair.category.name}"
+        if results.status(folder) == "ok" and not force:
             log.info("skipping %s on %s: results exist (use --force to redo)",
                      pair.model, pair.category.name)
+            say(f"{label}: results exist, skipped")
             continue
-        (folder / "metrics.json").unlink(missing_ok=True)
+        results.clear(folder)
+        say(f"{label}: fitting and testing")
+        start = time.perf_counter()
         try:
             run_pair(pair, out, preset, pixel_size, settings)
+            say(f"{label}: done in {time.perf_counter() - start:.0f} s")
         except Exception as exc:  # one failing pair must not stop the others
             log.error("%s on %s failed: %s", pair.model, pair.category.name, exc)
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "error.txt").write_text(str(exc) + "\n")
+            results.write_error(folder, str(exc))
+            say(f"{label}: FAILED ({exc})")
     rows = [row_for(p, out) for p in pairs]
     write_tables(rows, out)
     write_report(out)

@@ -7,12 +7,8 @@ never a traceback.
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import platform
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -25,6 +21,8 @@ log = logging.getLogger("flawscope")
 
 #: The model the README's main command and ``flawscope demo`` use.
 DEFAULT_MODEL = "gaussian"
+#: Exit code of ``flawscope predict`` when some inputs could not be read (the rest were).
+PREDICT_SOME_FAILED = 3
 
 
 class _Group(click.Group):
@@ -45,6 +43,14 @@ def _parse_settings(values: tuple[str, ...]) -> dict[str, str]:
         key, value = item.split("=", 1)
         settings[key.strip()] = value.strip()
     return settings
+
+
+def _progress_lines():
+    """Per-step lines on stderr when it is not a terminal (a log file, CI), where the progress
+    bar stays silent; None on a terminal, which has the bar."""
+    if sys.stderr.isatty():
+        return None
+    return lambda line: click.echo(line, err=True)
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -96,16 +102,18 @@ def synth(out: Path, seed: int, size: int, n_train: int, test_good: int, test_de
 
 @cli.command()
 @click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="Category folder in MVTec AD layout (needs train/good).")
+              help="Category folder in MVTec AD layout (its train/good is read), or a plain "
+                   "folder of good images.")
 @click.option("--model", "model_name", default=DEFAULT_MODEL, show_default=True,
               help="Model name; see `flawscope models`.")
 @click.option("--preset", default=None,
               help="Named settings of the model (see `flawscope models`): `fast` trains in "
                    "minutes on 2 CPU cores, `paper` uses the published settings (hours).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
-              help="Override one model setting; repeatable.")
+              help="Override one model setting; repeatable (see `flawscope models`).")
 @click.option("--holdout", default=0.1, show_default=True,
-              help="Fraction of train/good held out to calibrate what normal scores look like.")
+              help="Fraction of the good images held out to calibrate what normal scores "
+                   "look like (none with fewer than 10 images: a warning says so).")
 @click.option("--max-false-alarm", default=0.01, show_default=True,
               type=click.FloatRange(0, 0.5, min_open=True, max_open=True),
               help="Target fraction of good parts flagged; sets the decision threshold from "
@@ -114,7 +122,7 @@ def synth(out: Path, seed: int, size: int, n_train: int, test_good: int, test_de
               help="Model directory to write (replaced atomically if it exists).")
 def fit(data: Path, model_name: str, preset: str | None, settings: tuple[str, ...],
         holdout: float, max_false_alarm: float, out: Path) -> None:
-    """Fit a model on the good training images of a category and save it.
+    """Fit a model on good images and save it.
 
     The decision threshold is set from held-out good images for the --max-false-alarm rate;
     change it later with `flawscope threshold`.
@@ -146,72 +154,45 @@ def _threshold_line(record: dict | None, warn: bool = True) -> str:
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
               help="Model directory written by `flawscope fit`.")
 @click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="Category folder with test/ and ground_truth/.")
+              help="Category folder with test/ (and ground_truth/ for pixel metrics; without "
+                   "it only image metrics are computed).")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Results folder: metrics.json, scores.csv and report_assets/ (pictures "
                    "for `flawscope report`).")
 @click.option("--pixel-size", default=256, show_default=True,
               help="Maps and masks are resized to this square size for pixel metrics.")
-@click.option("--batch-size", default=16, show_default=True)
+@click.option("--batch-size", default=16, show_default=True,
+              help="Images scored at once (more is faster up to memory limits).")
 def test(model_dir: Path, data: Path, out: Path, pixel_size: int, batch_size: int) -> None:
-    """Score a category's test images and write metrics (image/pixel AUROC, AP, AU-PRO...)."""
-    import torch
+    """Score a category's test images; write and print metrics and the stored threshold's
+    false-alarm and detection rates."""
+    from .detector import Detector
 
-    from .gallery import save_report_assets
-    from .modelfile import load_model
-    from .pipeline import evaluate, peak_rss_mb
-    from .threshold import rates
-
-    model, manifest = load_model(model_dir)
-    evaluation = evaluate(model, data, pixel_size=pixel_size, batch_size=batch_size)
-    fit_info = manifest.get("fit_info") or {}
-    n = len(evaluation.scores)
-    metrics = dict(evaluation.metrics)
-    metrics.update({
-        "model": model.name,
-        "preset": model.preset,
-        "model_dir": str(model_dir),
-        "dataset": str(data),
-        "category": evaluation.category.name,
-        "n_images": n,
-        "n_defective": int(evaluation.labels.sum()),
-        "pixel_size": pixel_size,
-        "fit_s": fit_info.get("fit_s"),
-        "infer_s": evaluation.infer_s,
-        "infer_img_per_s": n / evaluation.infer_s if evaluation.infer_s > 0 else None,
-        **rates(manifest.get("threshold"), evaluation.labels, evaluation.scores),
-        "peak_rss_mb": max(peak_rss_mb(), float(fit_info.get("peak_rss_mb") or 0)),
-        "threads": torch.get_num_threads(),
-        "flawscope_version": __version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    })
-    out.mkdir(parents=True, exist_ok=True)
-    # Pictures for `flawscope report`, drawn now because they need the loaded model.
-    save_report_assets(model, manifest, evaluation, out, model_dir)
-    with open(out / "scores.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "defect_type", "label", "score"])
-        for path, kind, label, score in zip(evaluation.paths, evaluation.defect_types,
-                                            evaluation.labels, evaluation.scores, strict=True):
-            writer.writerow([str(path), kind, int(label), f"{score:.9g}"])
-    # metrics.json last and atomically: a benchmark treats its presence as "pair done".
-    (out / "metrics.json.tmp").write_text(json.dumps(metrics, indent=2))
-    (out / "metrics.json.tmp").replace(out / "metrics.json")
-    click.echo(_metrics_table(metrics))
+    detector = Detector.load(model_dir)
+    evaluation = detector.evaluate(data, pixel_size=pixel_size, batch_size=batch_size, out=out)
+    click.echo(_metrics_table(evaluation.metrics))
     click.echo(f"wrote {out / 'metrics.json'}")
 
 
 def _metrics_table(m: dict) -> str:
+    from .results import decision_summary
+
     def f(v):
         return "-" if v is None else f"{v:.3f}"
 
-    lines = [f"{m['model']} on {m['category']} ({m['n_images']} test images)",
+    lines = [f"{m['model']} on {m['category']} ({m['n_images']} test images, "
+             f"{m['n_defective']} defective)",
              f"  image AUROC {f(m['image_auroc'])}   image AP {f(m['image_ap'])}   "
-             f"F1-max {f(m['f1_max'])}",
-             f"  pixel AUROC {f(m['pixel_auroc'])}   AU-PRO {f(m['pixel_aupro'])}"]
+             f"F1-max {f(m['f1_max'])}"]
+    if m.get("pixel_size") is None:
+        lines.append("  pixel AUROC -   AU-PRO -   (no ground_truth/ masks: image level only)")
+    else:
+        lines.append(f"  pixel AUROC {f(m['pixel_auroc'])}   AU-PRO {f(m['pixel_aupro'])}")
     for kind, auc in m.get("per_defect", {}).items():
         lines.append(f"  {kind:<20} image AUROC {auc:.3f}")
+    lines.append("  " + decision_summary(m))
+    if m.get("threshold_warning"):
+        lines.append(f"  warning: {m['threshold_warning']}")
     return "\n".join(lines)
 
 
@@ -220,43 +201,61 @@ def _metrics_table(m: dict) -> str:
               help="Model directory written by `flawscope fit`.")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Folder for heat-map overlays and predictions.jsonl.")
-def predict(model_dir: Path, inputs: tuple[Path, ...], out: Path) -> None:
-    """Score new images (files or folders) and write heat-map overlays.
+              help="Folder for predictions.jsonl, heatmaps/ and maps/.")
+@click.option("-r", "--recursive", is_flag=True, help="Also score images in sub-folders.")
+@click.option("--on-error", type=click.Choice(["skip", "stop"]), default="skip",
+              show_default=True,
+              help="skip: an unreadable file becomes a record with an `error` field and the "
+                   "batch goes on (exit code 3 at the end); stop: stop at the first one.")
+@click.option("--heatmaps/--no-heatmaps", default=True, show_default=True,
+              help="Write a heat-map overlay per image.")
+@click.option("--annotate", is_flag=True,
+              help="Draw the colour scale, the score and the decision under each heat map.")
+@click.option("--save-maps", type=click.Choice(["npy", "tiff"]), default=None,
+              help="Also write the raw anomaly map (float32, at the image's size) per image.")
+@click.option("--batch-size", default=8, show_default=True, help="Images scored at once.")
+def predict(model_dir: Path, inputs: tuple[Path, ...], out: Path, recursive: bool,
+            on_error: str, heatmaps: bool, annotate: bool, save_maps: str | None,
+            batch_size: int) -> None:
+    """Score new images (files or folders) and write their heat maps.
 
-    Prints one line per image and writes OUT/predictions.jsonl and OUT/<name>_heatmap.png.
-    Each JSON line has the raw `score`, `normalized_score` (logistic: the threshold is 0.5,
-    a typical good part 0.1), `is_anomalous` (score > threshold; null when the model has no
-    threshold) and `threshold`.
+    Prints one line per image and writes OUT/predictions.jsonl (one JSON record per input,
+    written as it goes) plus OUT/heatmaps/ and OUT/maps/. Output names mirror each input's
+    path below the folder given (a folder's own name included), so equal file names in
+    different folders never overwrite each other. Each record has the raw `score`,
+    `normalized_score` (logistic: the threshold is 0.5, a typical good part 0.1),
+    `is_anomalous` (score > threshold; null when the model has no threshold), `threshold`,
+    the image's `width` and `height`, and `error` (null, or why the file could not be read).
+    Non-image files in folders are skipped with a warning.
     """
-    from .data import list_images, read_image
-    from .modelfile import load_model
-    from .threshold import decision_for
-    from .visualize import display_range, heatmap_overlay
+    from .detector import Detector
+    from .predict_files import PredictionWriter, collect_inputs
 
-    model, manifest = load_model(model_dir)
-    decide = decision_for(manifest)
-    if not decide.has_threshold:
+    detector = Detector.load(model_dir)
+    if detector.threshold is None:
         click.echo("warning: this model has no decision threshold; every image is reported as "
                    "undecided (set one with `flawscope threshold`)", err=True)
-    paths: list[Path] = []
-    for item in inputs:
-        paths.extend(list_images(item) if item.is_dir() else [item])
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "predictions.jsonl", "w") as jsonl:
-        for path in paths:
-            image = read_image(path)
-            [(score, amap)] = model.score([image])
-            overlay = heatmap_overlay(image, amap,
-                                      display_range(amap, manifest.get("calibration")))
-            heatmap = out / f"{path.stem}_heatmap.png"
-            overlay.save(heatmap)
-            record = {"path": str(path), **decide(score), "heatmap": str(heatmap)}
-            jsonl.write(json.dumps(record) + "\n")
-            verdict = {True: "ANOMALOUS", False: "ok", None: "undecided"}[record["is_anomalous"]]
-            normalized = record["normalized_score"]
-            click.echo(f"{path}\tscore={score:.6g}\tnormalized="
-                       f"{'-' if normalized is None else f'{normalized:.3f}'}\t{verdict}")
+    items = collect_inputs(inputs, recursive)
+    failed = 0
+    with PredictionWriter(out, heatmaps=heatmaps, annotate=annotate, maps=save_maps) as writer:
+        stream = detector.predict_many([str(path) for path, _ in items], batch_size=batch_size,
+                                       on_error="raise" if on_error == "stop" else "skip",
+                                       keep_images=heatmaps)
+        for (_, name), prediction in zip(items, stream, strict=True):  # one per input, in order
+            writer.write(prediction, name)
+            failed += not prediction.ok
+            if prediction.ok:
+                normalized = prediction.normalized_score
+                click.echo(f"{prediction.source}\tscore={prediction.score:.6g}\tnormalized="
+                           f"{'-' if normalized is None else f'{normalized:.3f}'}\t"
+                           f"{prediction.verdict}")
+            else:
+                click.echo(f"{prediction.source}\terror: {prediction.error}", err=True)
+    click.echo(f"{len(items) - failed} of {len(items)} images scored; wrote "
+               f"{out / 'predictions.jsonl'}")
+    if failed:
+        click.echo(f"{failed} file(s) could not be read (see the `error` field)", err=True)
+        sys.exit(PREDICT_SOME_FAILED)
 
 
 @cli.command("threshold")
@@ -265,7 +264,8 @@ def predict(model_dir: Path, inputs: tuple[Path, ...], out: Path) -> None:
               help="good: from the held-out good images for --max-false-alarm; f1: best F1 on "
                    "labelled images in --data. Without --method/--value: show the threshold.")
 @click.option("--max-false-alarm", default=0.01, show_default=True,
-              type=click.FloatRange(0, 0.5, min_open=True, max_open=True))
+              type=click.FloatRange(0, 0.5, min_open=True, max_open=True),
+              help="For --method good: target fraction of good parts flagged.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="For --method f1: a folder with good/ and <defect>/ sub-folders, or an MVTec "
                    "category (its test/ is used; then do not judge the model on that test set).")
@@ -298,7 +298,8 @@ def threshold_cmd(model_dir: Path, method: str | None, max_false_alarm: float,
 
 @cli.command("export")
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True,
+              help="File format of the exported graph (ONNX, run by onnxruntime).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="File to write (default MODEL_DIR/model.onnx).")
 def export_cmd(model_dir: Path, fmt: str, out: Path | None) -> None:
@@ -321,7 +322,9 @@ def export_cmd(model_dir: Path, fmt: str, out: Path | None) -> None:
               help="Root folder holding category folders (symlinks are followed).")
 @click.option("--models", default=DEFAULT_MODEL, show_default=True,
               help="Comma-separated model names.")
-@click.option("--categories", default=None, help="Comma-separated category names (default all).")
+@click.option("--categories", default=None,
+              help="Comma-separated categories: paths below --data (mvtec_ad/screw) or folder "
+                   "names found at any depth (screw); default all.")
 @click.option("--preset", default=None, help="Preset for every model that has it.")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Results folder: results.csv, results.md, one sub-folder per pair.")
@@ -341,7 +344,7 @@ def benchmark(data: Path, models: str, categories: str | None, preset: str | Non
     from .benchmark import markdown_table, run_benchmark
 
     rows = run_benchmark(data, _split(models) or [], _split(categories), out, preset, force,
-                         pixel_size, _parse_settings(settings))
+                         pixel_size, _parse_settings(settings), progress=_progress_lines())
     click.echo(markdown_table(rows))
     click.echo(f"report: {out / 'report.html'}")
     failed = [r for r in rows if r["status"] != "ok"]
@@ -353,7 +356,8 @@ def benchmark(data: Path, models: str, categories: str | None, preset: str | Non
 @cli.command()
 @click.option("--out", default=Path("runs/demo"), show_default=True,
               type=click.Path(path_type=Path), help="Where data and results go.")
-@click.option("--model", "model_name", default=DEFAULT_MODEL, show_default=True)
+@click.option("--model", "model_name", default=DEFAULT_MODEL, show_default=True,
+              help="Model to fit and evaluate; see `flawscope models`.")
 @click.option("--force", is_flag=True, help="Redo results that already exist.")
 def demo(out: Path, model_name: str, force: bool) -> None:
     """The main job on built-in data: generate synthetic data, fit, evaluate, print the table."""
@@ -363,7 +367,8 @@ def demo(out: Path, model_name: str, force: bool) -> None:
     data = out / "data"
     if force or not all((data / c / "train").is_dir() for c in CATEGORIES):
         generate(data)
-    rows = run_benchmark(data, [model_name], list(CATEGORIES), out / "results", force=force)
+    rows = run_benchmark(data, [model_name], list(CATEGORIES), out / "results", force=force,
+                         progress=_progress_lines())
     click.echo(markdown_table(rows))
     click.echo(f"results in {out / 'results'}; open {out / 'results' / 'report.html'}")
 
@@ -372,22 +377,27 @@ def demo(out: Path, model_name: str, force: bool) -> None:
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on (0.0.0.0 exposes the service to the network).")
-@click.option("--port", default=8000, show_default=True)
+@click.option("--port", default=8000, show_default=True, help="TCP port to listen on.")
 @click.option("--workers", default=2, show_default=True,
               help="Scoring threads (each gets cpu_count/workers PyTorch threads).")
 @click.option("--max-upload-mb", default=20.0, show_default=True,
               help="Larger uploads are refused with 413.")
-@click.option("--max-pixels", default=40_000_000, show_default=True,
-              help="Images with more pixels are refused with 413 before decoding.")
+@click.option("--max-pixels", default=None, type=int,
+              help="Images with more pixels are refused with 413 before decoding "
+                   "[default: the CLI's limit, FLAWSCOPE_MAX_PIXELS or 64 megapixels].")
+@click.option("--min-side", default=None, type=int,
+              help="Images whose shorter side is smaller are refused with 422 [default: 32].")
 @click.option("--access-log", is_flag=True, help="Log every request.")
 def serve_cmd(model_dir: Path, host: str, port: int, workers: int, max_upload_mb: float,
-              max_pixels: int, access_log: bool) -> None:
+              max_pixels: int | None, min_side: int | None, access_log: bool) -> None:
     """Serve a model over HTTP: POST /predict (multipart field `file`, ?heatmap=true), GET
     /health. Answers JSON with score, normalized_score, is_anomalous and latency_ms."""
     from .serve import serve
 
+    limits = {k: v for k, v in (("max_pixels", max_pixels), ("min_side", min_side))
+              if v is not None}
     serve(model_dir, host, port, access_log=access_log, max_upload_mb=max_upload_mb,
-          max_pixels=max_pixels, workers=workers)
+          workers=workers, **limits)
 
 
 @cli.command("report")
@@ -404,16 +414,43 @@ def report_cmd(results_dir: Path) -> None:
 
 
 @cli.command("models")
-def list_models() -> None:
-    """List the available models and their presets."""
+@click.argument("names", nargs=-1)
+def list_models(names: tuple[str, ...]) -> None:
+    """List the available models (or only NAMES): what each is, its presets and the default
+    one, whether it exports to ONNX, and every setting `--set` takes with its default."""
+    import dataclasses
+    import textwrap
+
     from .models import available_models, get_model_class
 
-    for name in available_models():
+    for name in names or available_models():
         cls = get_model_class(name)
         doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip()
         first = doc.splitlines()[0].replace("``", "") if doc else ""
-        presets = ", ".join(sorted(cls.presets)) or "-"
-        click.echo(f"{name:<12} presets: {presets:<20} {first}")
+        first = first.removeprefix(f"{name}: ")
+        presets = ", ".join(sorted(cls.presets)) or "none"
+        default = cls.default_preset or "none (the settings' defaults)"
+        settings = ", ".join(f"{f.name}={_default_text(f)}"
+                             for f in dataclasses.fields(cls.Config))
+        click.echo(f"{name}: {first}")
+        click.echo(f"  presets: {presets}; default preset: {default}; "
+                   f"ONNX export: {'yes' if cls.exports_onnx() else 'no'}")
+        click.echo(textwrap.fill(f"settings: {settings}", width=96, initial_indent="  ",
+                                 subsequent_indent="    ", break_on_hyphens=False))
+
+
+def _default_text(f) -> str:
+    import dataclasses
+
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "(required)"
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    return str(value)
 
 
 def main() -> None:

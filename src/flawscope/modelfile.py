@@ -106,6 +106,9 @@ def save_model(model: AnomalyModel, directory: str | Path,
             pass
     manifest.update(extra or {})
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    # safetensors writes its file owner-only (0600); whoever may read the manifest (another
+    # service account reading a copied model) must be able to read the weights too.
+    os.chmod(tmp / WEIGHTS, (tmp / MANIFEST).stat().st_mode & 0o777)
     # Carry over files other tools left in the model dir (training pictures, checkpoints).
     if directory.is_dir():
         for item in directory.iterdir():

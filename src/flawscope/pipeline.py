@@ -1,15 +1,19 @@
-"""The steps every command is made of: fit a model on a category, score a category, predict.
+"""The steps every command is made of: fit a model, score images, evaluate a category.
 
 These functions never look at which model they run: they only use the
 :class:`~flawscope.models.AnomalyModel` interface, so every model gets the same held-out
-calibration, the same timings and the same metrics.
+calibration, the same timings and the same metrics. :class:`flawscope.Detector` is the
+public face of this module.
 """
 
 from __future__ import annotations
 
 import logging
+import platform
 import resource
+import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,12 +22,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import __version__
 from .data import Category, ImageDataset, TestDataset, open_category
+from .errors import FlawscopeError
 from .metrics import compute_all
 from .modelfile import save_model
 from .models import AnomalyModel, get_model_class
 from .models.base import resize_maps
-from .threshold import DEFAULT_MAX_FALSE_ALARM, check_alpha, from_good_scores
+from .threshold import DEFAULT_MAX_FALSE_ALARM, check_alpha, from_good_scores, rates
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +39,11 @@ DEFAULT_PIXEL_SIZE = 256
 #: scores look like is known without any labelled defect (used for thresholds and heat-map
 #: colour scales).
 DEFAULT_HOLDOUT = 0.1
+#: Fewest good images from which any are held out: below it every image is needed to fit.
+MIN_IMAGES_TO_SPLIT = 10
+#: A scoring function: ``(B, 3, S, S)`` images in [0, 1] -> ``(scores (B,), maps (B, h, w))``,
+#: such as ``model.score_batch`` or an exported graph (see ``AnomalyModel.score_tensor``).
+Engine = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def peak_rss_mb() -> float:
@@ -40,12 +51,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def split_holdout(paths: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+def split_holdout(paths: list, fraction: float, seed: int) -> tuple[list, list]:
     """Deterministic split of good training images into (fit, held-out).
 
-    Tiny training sets (fewer than 10 images) are not split: every image is needed to fit.
+    Fewer than :data:`MIN_IMAGES_TO_SPLIT` images are not split (every image is needed to
+    fit); that is logged as a warning, since the model then gets no threshold.
     """
-    if fraction <= 0 or len(paths) < 10:
+    if fraction <= 0:
+        return list(paths), []
+    if len(paths) < MIN_IMAGES_TO_SPLIT:
+        log.warning("only %d good images: none held out (a hold-out needs at least %d), so "
+                    "no decision threshold can be set from good images", len(paths),
+                    MIN_IMAGES_TO_SPLIT)
         return list(paths), []
     n_hold = max(1, round(fraction * len(paths)))
     order = np.random.default_rng(seed).permutation(len(paths))
@@ -55,17 +72,34 @@ def split_holdout(paths: list[Path], fraction: float, seed: int) -> tuple[list[P
 
 
 @torch.no_grad()
-def score_paths(model: AnomalyModel, paths: list[Path], batch_size: int = 16,
-                desc: str = "scoring") -> tuple[np.ndarray, np.ndarray]:
-    """Scores and maps (at the model's resolution, float32) of images given by path."""
+def score_paths(model: AnomalyModel, paths: list, batch_size: int = 16,
+                desc: str = "scoring", engine: Engine | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and maps (at the model's resolution, float32) of images (paths, PIL images or
+    arrays)."""
     loader = torch.utils.data.DataLoader(ImageDataset(paths, model.image_size),
                                          batch_size=batch_size)
     scores, maps = [], []
     for batch in tqdm(loader, desc=desc, leave=False, disable=None):
-        s, m = model.score_tensor(batch)
+        s, m = model.score_tensor(batch, engine)
         scores.append(s.numpy())
         maps.append(m.numpy())
     return np.concatenate(scores), np.concatenate(maps)
+
+
+def check_scores_usable(scores: np.ndarray, what: str) -> None:
+    """Refuse a fitted model whose scores on good images cannot rank anything: non-finite
+    values, or one constant value (the signature of a diverged network that outputs a
+    constant: every score identical, every AUROC 0.5)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if not np.isfinite(scores).all():
+        bad = int((~np.isfinite(scores)).sum())
+        raise FlawscopeError(f"the fitted model gives {bad} non-finite score(s) on {what}: "
+                             "training failed (a diverged loss?); the model was not saved")
+    if len(scores) >= 2 and float(np.ptp(scores)) == 0.0:
+        raise FlawscopeError(f"the fitted model gives the same score ({scores[0]:.6g}) to all "
+                             f"{len(scores)} {what}: it cannot tell images apart (training "
+                             "collapsed); the model was not saved")
 
 
 def calibration_from(scores: np.ndarray, maps: np.ndarray) -> dict[str, Any]:
@@ -82,48 +116,79 @@ def calibration_from(scores: np.ndarray, maps: np.ndarray) -> dict[str, Any]:
 @dataclass
 class FitResult:
     model: AnomalyModel
-    model_dir: Path
+    model_dir: Path | None
     fit_s: float
     n_train: int
     n_holdout: int
     calibration: dict[str, Any] | None = None
     threshold: dict[str, Any] | None = None
+    fit_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def manifest_fields(self) -> dict[str, Any]:
+        """What the model directory's manifest records about this fit."""
+        return {"fit_info": self.fit_info, "calibration": self.calibration,
+                "threshold": self.threshold}
 
 
-def fit_model(data_dir: str | Path, model_name: str, out_dir: str | Path,
+def good_images(data: str | Path | Sequence) -> tuple[list, str]:
+    """The good images to fit on, and a description of where they came from.
+
+    ``data``: an MVTec-layout category (its ``train/good``), a plain folder of good images,
+    or a list of images (paths, PIL images or arrays).
+    """
+    if isinstance(data, (str, Path)):
+        category = open_category(data, train=True, test=False)
+        return list(category.train), str(category.root)
+    items = list(data)
+    if not items:
+        raise FlawscopeError("no good images to fit on (an empty list was given)")
+    return items, f"{len(items)} images given in memory"
+
+
+def fit_model(data: str | Path | Sequence, model_name: str, out_dir: str | Path | None = None,
               preset: str | None = None, overrides: dict[str, Any] | None = None,
               holdout: float = DEFAULT_HOLDOUT,
               max_false_alarm: float = DEFAULT_MAX_FALSE_ALARM) -> FitResult:
-    """Fit ``model_name`` on ``data_dir``/train/good and save it to ``out_dir``.
+    """Fit ``model_name`` on good images (see :func:`good_images`), calibrate it on the
+    held-out ones and, with ``out_dir``, save it there.
 
     The decision threshold is set from the held-out good scores for a false-alarm rate of
-    ``max_false_alarm`` (see :mod:`flawscope.threshold`).
+    ``max_false_alarm`` (see :mod:`flawscope.threshold`). Without ``out_dir`` nothing is
+    written (training checkpoints go to a temporary folder).
     """
     check_alpha(max_false_alarm)
-    category = open_category(data_dir)
+    # The model first: a typo in its name or settings fails before any image is read.
     model = get_model_class(model_name).from_settings(preset, overrides)
-    fit_paths, held_paths = split_holdout(category.train, holdout, int(model.config.seed))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log.info("fitting %s on %d good images of %s (%d held out)", model.name, len(fit_paths),
-             category.root, len(held_paths))
-    torch.manual_seed(int(model.config.seed))
-    start = time.perf_counter()
-    model.fit(ImageDataset(fit_paths, model.image_size), workdir=out_dir / "training")
-    fit_s = time.perf_counter() - start
+    images, source = good_images(data)
+    fit_images, held = split_holdout(images, holdout, int(model.config.seed))
+    log.info("fitting %s on %d good images of %s (%d held out)", model.name, len(fit_images),
+             source, len(held))
+    with tempfile.TemporaryDirectory(prefix="flawscope-fit-") as scratch:
+        workdir = Path(out_dir) / "training" if out_dir is not None else Path(scratch)
+        torch.manual_seed(int(model.config.seed))
+        start = time.perf_counter()
+        model.fit(ImageDataset(fit_images, model.image_size), workdir=workdir)
+        fit_s = time.perf_counter() - start
     calibration = None
-    if held_paths:
-        calibration = calibration_from(*score_paths(model, held_paths, desc="held-out"))
-    fit_info = {"fit_s": fit_s, "n_train": len(fit_paths), "n_holdout": len(held_paths),
+    if held:
+        scores, maps = score_paths(model, held, desc="held-out")
+        check_scores_usable(scores, "the held-out good images")
+        calibration = calibration_from(scores, maps)
+    else:
+        check_scores_usable(score_paths(model, fit_images[:8], desc="checking")[0],
+                            "training images")
+    fit_info = {"fit_s": fit_s, "n_train": len(fit_images), "n_holdout": len(held),
                 "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
-                "data": str(category.root)}
+                "data": source}
     threshold = from_good_scores(calibration["scores"] if calibration else [], max_false_alarm)
     if threshold["warning"]:
         log.warning("%s", threshold["warning"])
-    save_model(model, out_dir, extra={"fit_info": fit_info, "calibration": calibration,
-                                      "threshold": threshold})
-    return FitResult(model, out_dir, fit_s, len(fit_paths), len(held_paths), calibration,
-                     threshold)
+    result = FitResult(model, Path(out_dir) if out_dir is not None else None, fit_s,
+                       len(fit_images), len(held), calibration, threshold, fit_info)
+    if out_dir is not None:
+        save_model(model, out_dir, extra=result.manifest_fields)
+    return result
 
 
 @dataclass
@@ -137,6 +202,7 @@ class Evaluation:
     maps: np.ndarray  # (N, P, P) float32 at the pixel-metric resolution
     masks: np.ndarray  # (N, P, P) bool
     infer_s: float
+    #: Everything ``flawscope test`` writes to metrics.json (see :mod:`flawscope.results`).
     metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -146,13 +212,16 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(model: AnomalyModel, data_dir: str | Path, pixel_size: int = DEFAULT_PIXEL_SIZE,
-             batch_size: int = 16) -> Evaluation:
+             batch_size: int = 16, manifest: dict[str, Any] | None = None,
+             engine: Engine | None = None) -> Evaluation:
     """Score every test image of a category and compute all metrics.
 
-    ``infer_s`` counts only the model's scoring (not image decoding), so images/s compares
-    models rather than disks.
+    Only ``test/`` (and ``ground_truth/`` where it exists) is read. ``manifest`` (the model
+    directory's) adds the stored decision threshold's false-alarm and detection rates and the
+    fit's figures. ``infer_s`` counts only the model's scoring (not image decoding), so
+    images/s compares models rather than disks.
     """
-    category = open_category(data_dir)
+    category = open_category(data_dir, train=False, test=True)
     items = category.require_test()
     n = len(items)
     maps = np.zeros((n, pixel_size, pixel_size), dtype=np.float32)
@@ -164,7 +233,7 @@ def evaluate(model: AnomalyModel, data_dir: str | Path, pixel_size: int = DEFAUL
     for images, batch_masks, index in tqdm(loader, desc=f"testing {category.name}",
                                            leave=False, disable=None):
         start = time.perf_counter()
-        s, m = model.score_tensor(images)
+        s, m = model.score_tensor(images, engine)
         infer_s += time.perf_counter() - start
         idx = index.numpy()
         scores[idx] = s.numpy()
@@ -172,5 +241,41 @@ def evaluate(model: AnomalyModel, data_dir: str | Path, pixel_size: int = DEFAUL
         masks[idx] = batch_masks.numpy()
     labels = np.array([int(t.is_anomalous) for t in items])
     defect_types = [t.defect_type for t in items]
-    metrics = compute_all(labels, scores, defect_types, masks, maps)
-    return Evaluation(category, scores, labels, defect_types, maps, masks, infer_s, metrics)
+    metrics = compute_all(labels, scores, defect_types,
+                          masks if category.has_masks else None, maps)
+    evaluation = Evaluation(category, scores, labels, defect_types, maps, masks, infer_s)
+    evaluation.metrics = metrics_record(metrics, evaluation, model, manifest or {}, data_dir,
+                                        pixel_size)
+    return evaluation
+
+
+def metrics_record(metrics: dict[str, Any], evaluation: Evaluation, model: AnomalyModel,
+                   manifest: dict[str, Any], data_dir: str | Path,
+                   pixel_size: int) -> dict[str, Any]:
+    """The metrics.json record: the metrics, the stored decision on this test set, the
+    fit's and the scoring's figures, and versions."""
+    fit_info = manifest.get("fit_info") or {}
+    threshold = manifest.get("threshold") or {}
+    n = len(evaluation.scores)
+    return {
+        **metrics,
+        "model": model.name,
+        "preset": model.preset,
+        "dataset": str(data_dir),
+        "category": evaluation.category.name,
+        "n_images": n,
+        "n_defective": int(evaluation.labels.sum()),
+        "pixel_size": pixel_size if evaluation.category.has_masks else None,
+        "fit_s": fit_info.get("fit_s"),
+        "infer_s": evaluation.infer_s,
+        "infer_img_per_s": n / evaluation.infer_s if evaluation.infer_s > 0 else None,
+        **rates(threshold, evaluation.labels, evaluation.scores),
+        "threshold_n_good": threshold.get("n_good"),
+        "threshold_max_false_alarm": threshold.get("max_false_alarm"),
+        "threshold_warning": threshold.get("warning"),
+        "peak_rss_mb": max(peak_rss_mb(), float(fit_info.get("peak_rss_mb") or 0)),
+        "threads": torch.get_num_threads(),
+        "flawscope_version": __version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }

@@ -24,7 +24,7 @@ from typing import Any
 import jinja2
 import numpy as np
 
-from . import __version__, plots
+from . import __version__, plots, results
 from .errors import FlawscopeError
 from .gallery import ASSETS_DIR
 
@@ -32,17 +32,23 @@ log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
 
-#: Summary rows: (metrics.json key, label, higher is better, format).
+#: Summary rows: (metrics.json key, label, higher is better, format). The first
+#: :data:`MEAN_ROWS` are also averaged over categories.
 SUMMARY_METRICS = [
     ("image_auroc", "image AUROC", True, "{:.3f}"),
     ("image_ap", "image AP", True, "{:.3f}"),
     ("pixel_auroc", "pixel AUROC", True, "{:.3f}"),
     ("pixel_aupro", "AU-PRO", True, "{:.3f}"),
     ("f1_max", "F1-max", True, "{:.3f}"),
+    ("detection_rate", "detection rate at the stored threshold", True, "{:.1%}"),
+    ("false_alarm_rate", "false-alarm rate at the stored threshold", False, "{:.1%}"),
+    ("threshold_n_good", "good images the threshold rests on", True, "{:.0f}"),
     ("fit_s", "fit time (s)", False, "{:.1f}"),
     ("infer_img_per_s", "images/s", True, "{:.1f}"),
     ("peak_rss_mb", "peak memory (MiB)", False, "{:.0f}"),
 ]
+
+MEAN_ROWS = 7
 
 GALLERY_SECTIONS = [
     ("false_alarms", "Most anomalous good images (false-alarm candidates)"),
@@ -71,31 +77,18 @@ class PairResult:
         return self.status == "ok"
 
 
-def _read_scores(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    labels, scores, kinds = [], [], []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            labels.append(int(row["label"]))
-            scores.append(float(row["score"]))
-            kinds.append(row["defect_type"])
-    return np.array(labels, dtype=int), np.array(scores, dtype=np.float64), kinds
-
-
 def load_pair(out: Path, model: str, category: str) -> PairResult:
     """One pair's saved results; a folder with unreadable files counts as failed."""
     folder = out / model / category
-    pair = PairResult(model, category, folder, "missing")
+    pair = PairResult(model, category, folder, results.status(folder))
     try:
-        if (folder / "metrics.json").is_file():
-            pair.metrics = json.loads((folder / "metrics.json").read_text())
-            pair.status = "ok"
-            if (folder / "scores.csv").is_file():
-                pair.labels, pair.scores, pair.defect_types = _read_scores(folder / "scores.csv")
+        if pair.ok:
+            pair.metrics = results.read_metrics(folder)
+            pair.labels, pair.scores, pair.defect_types = results.read_scores(folder)
             if (folder / ASSETS_DIR / "assets.json").is_file():
                 pair.assets = json.loads((folder / ASSETS_DIR / "assets.json").read_text())
-        elif (folder / "error.txt").is_file():
-            pair.status = "failed"
-            pair.error = (folder / "error.txt").read_text().strip()
+        elif pair.status == "failed":
+            pair.error = results.read_error(folder)
     except (OSError, ValueError, KeyError) as exc:
         pair.status, pair.error = "failed", f"saved results unreadable: {exc}"
     return pair
@@ -111,8 +104,7 @@ def discover(out: Path) -> list[tuple[str, str]]:
     for model_dir in sorted(p for p in out.iterdir() if p.is_dir()):
         for cat_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
             key = (model_dir.name, cat_dir.name)
-            if key not in found and ((cat_dir / "metrics.json").is_file()
-                                     or (cat_dir / "error.txt").is_file()):
+            if key not in found and results.status(cat_dir) != "missing":
                 found.append(key)
     return found
 
@@ -172,7 +164,7 @@ def summary_table(pairs: dict[tuple[str, str], PairResult], models: list[str],
               if all((m, c) in pairs and pairs[(m, c)].ok for m in models)]
     if len(categories) > 1 and common:
         rows = []
-        for key, label, higher, fmt in SUMMARY_METRICS[:5]:
+        for key, label, higher, fmt in SUMMARY_METRICS[:MEAN_ROWS]:
             values = []
             for m in models:
                 per_cat = [_number(pairs[(m, c)].metrics.get(key)) for c in common]
@@ -251,6 +243,7 @@ def category_section(category: str, models: list[str],
                 f"{p.model}: scores on {category}", colour_of[p.model],
                 _number(p.metrics.get("threshold")))),
             "gallery": _gallery(p),
+            "decision": results.decision_summary(p.metrics),
         })
     return section
 

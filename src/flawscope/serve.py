@@ -2,21 +2,24 @@
 
 Endpoints
     ``GET /health``
-        ``{"status": "ok", "model", "image_size", "threshold", "workers"}``.
+        ``{"status": "ok", "model", "image_size", "threshold", "workers", "warmup_ms"}``.
+        The server answers only once the model is loaded and has scored one warm-up image,
+        so the first real request is as fast as the next ones.
     ``POST /predict`` (multipart field ``file``; ``?heatmap=true`` to get the heat map)
         ``{"model", "filename", "width", "height", "score", "normalized_score",
         "is_anomalous", "threshold", "latency_ms"}`` with the same meaning as in
-        ``flawscope predict`` (see :mod:`flawscope.threshold`); with ``heatmap=true`` also
-        ``"heatmap_png"``: the overlay PNG, base64-encoded, so one request gives everything.
-        ``latency_ms`` is measured in the server from the upload being received to the
-        answer being ready (decoding, queueing, scoring, heat map).
+        ``flawscope predict`` (the same :class:`flawscope.Detector` code decides); with
+        ``heatmap=true`` also ``"heatmap_png"``: the overlay PNG, base64-encoded, so one
+        request gives everything. ``latency_ms`` is measured in the server from the upload
+        being received to the answer being ready (decoding, queueing, scoring, heat map).
 
 Bad requests get a 4xx with ``{"detail": "..."}`` and the server keeps serving:
-413 for an upload over ``max_upload_bytes`` or an image over ``max_pixels`` (decompression
-bombs are refused from the header, before decoding), 415 for a file that is not a PNG, JPEG,
-BMP or TIFF image (other formats are refused on purpose: some PIL decoders, such as EPS, run
-external programs), 400 for a truncated or corrupt image or an empty upload, 422 when the
-``file`` field is missing.
+413 for an upload over ``max_upload_bytes`` or an image over ``max_pixels`` (the same limit
+as the command line; decompression bombs are refused from the header, before decoding), 422
+for an image whose shorter side is under ``min_side`` (too small to inspect), 415 for a file
+that is not a PNG, JPEG, BMP or TIFF image (other formats are refused on purpose: some PIL
+decoders, such as EPS, run external programs), 400 for a truncated or corrupt image or an
+empty upload, 422 when the ``file`` field is missing.
 
 Two cores are used by a pool of ``workers`` threads: decoding, scoring and PNG encoding all
 run in the pool (PyTorch and PIL release the GIL), with PyTorch limited to
@@ -37,16 +40,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .data import to_rgb
-from .errors import FlawscopeError
+from .data import DEFAULT_MAX_PIXELS, MIN_SIDE, ImageTooLarge, ImageTooSmall, open_checked, to_rgb
+from .errors import DataError, FlawscopeError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_MB = 20.0
-DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_WORKERS = 2
 #: Room for the multipart envelope (boundaries, part headers) on top of the file itself.
 _ENVELOPE = 16 * 1024
@@ -61,64 +64,76 @@ class UploadError(FlawscopeError):
         self.status = status
 
 
-def decode_upload(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_upload(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  min_side: int = MIN_SIDE) -> Image.Image:
     """Uploaded bytes -> RGB image, or an :class:`UploadError` saying what is wrong."""
     if not data:
-        raise UploadError(400, "empty upload: send the image as multipart field 'file'")
+        raise UploadError(400, "empty upload: the file sent has no content")
     try:
-        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as im:
-            width, height = im.size
-            if width * height > max_pixels:
-                raise UploadError(413, f"image is {width}x{height} = {width * height:,} pixels, "
-                                       f"over the limit of {max_pixels:,}")
+        with open_checked(io.BytesIO(data), "upload", max_pixels, min_side,
+                          formats=ACCEPTED_FORMATS) as im:
             im.load()
             return to_rgb(im)
-    except UnidentifiedImageError:
-        raise UploadError(415, "not an image flawscope accepts (send PNG, JPEG, BMP or "
-                               "TIFF)") from None
-    except Image.DecompressionBombError as exc:
-        raise UploadError(413, f"image too large: {exc}") from None
+    except ImageTooLarge as exc:
+        raise UploadError(413, str(exc).removeprefix("upload: ")) from None
+    except ImageTooSmall as exc:
+        raise UploadError(422, str(exc).removeprefix("upload: ")) from None
+    except DataError as exc:
+        if "not a readable image" in str(exc):
+            raise UploadError(415, "not an image flawscope accepts (send PNG, JPEG, BMP or "
+                                   "TIFF)") from None
+        raise UploadError(400, str(exc).removeprefix("upload: ")) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise UploadError(400, f"corrupt or truncated image ({exc})") from None
 
 
 class Predictor:
-    """A loaded model plus its decision rule, scoring uploads in a thread pool."""
+    """A loaded :class:`~flawscope.Detector` scoring uploads in a thread pool."""
 
     def __init__(self, model_dir: str | Path, workers: int = DEFAULT_WORKERS,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, torch_threads: int | None = None):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, torch_threads: int | None = None,
+                 min_side: int = MIN_SIDE):
         import torch
 
-        from .modelfile import load_model
-        from .threshold import decision_for
+        from .detector import Detector
 
-        self.model, self.manifest = load_model(model_dir)
-        self.decide = decision_for(self.manifest)
+        self.detector = Detector.load(model_dir)
+        self.detector.max_pixels, self.detector.min_side = max_pixels, min_side
         self.workers = max(1, int(workers))
         self.max_pixels = max_pixels
+        self.min_side = min_side
         threads = torch_threads or max(1, (os.cpu_count() or 1) // self.workers)
         torch.set_num_threads(threads)
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="flawscope-worker")
+        self.warmup_ms = self._warm_up()
+
+    def _warm_up(self) -> float:
+        """Score one mid-grey image in every worker thread, so that lazy initialisation
+        (thread pools, allocator, kernels chosen on first use) happens before /health says
+        ok rather than in the first real request."""
+        size = max(self.detector.model.image_size, self.min_side)
+        grey = np.full((size, size, 3), 128, dtype=np.uint8)
+        start = time.perf_counter()
+        list(self.pool.map(lambda _: self.detector.predict(grey), range(self.workers)))
+        return (time.perf_counter() - start) * 1000
 
     def predict(self, data: bytes, heatmap: bool = False) -> dict[str, Any]:
         """Decode, score and decide one upload (runs in a worker thread)."""
-        image = decode_upload(data, self.max_pixels)
-        [(score, amap)] = self.model.score([image], batch_size=1)
-        result: dict[str, Any] = {"model": self.model.name, "width": image.width,
-                                  "height": image.height, **self.decide(score)}
+        image = decode_upload(data, self.max_pixels, self.min_side)
+        prediction = self.detector.predict(image)
+        result: dict[str, Any] = {"model": self.detector.name, **prediction.record()}
+        del result["path"], result["error"]
         if heatmap:
-            from .visualize import display_range, heatmap_overlay
-
-            overlay = heatmap_overlay(image, amap,
-                                      display_range(amap, self.manifest.get("calibration")))
             buffer = io.BytesIO()
-            overlay.save(buffer, format="PNG")
+            prediction.overlay().save(buffer, format="PNG")
             result["heatmap_png"] = base64.b64encode(buffer.getvalue()).decode("ascii")
         return result
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.model.name, "image_size": self.model.image_size,
-                "threshold": self.decide.value, "workers": self.workers}
+        return {"status": "ok", "model": self.detector.name,
+                "image_size": self.detector.model.image_size,
+                "threshold": self.detector.threshold, "workers": self.workers,
+                "warmup_ms": self.warmup_ms}
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -180,9 +195,10 @@ async def _send_json(send, status: int, payload: dict[str, Any]) -> None:
 
 def create_app(model_dir: str | Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
                max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = DEFAULT_WORKERS,
-               torch_threads: int | None = None):
-    """The ASGI application serving the model in ``model_dir``."""
-    predictor = Predictor(model_dir, workers, max_pixels, torch_threads)
+               torch_threads: int | None = None, min_side: int = MIN_SIDE):
+    """The ASGI application serving the model in ``model_dir`` (loaded and warmed up before
+    this returns)."""
+    predictor = Predictor(model_dir, workers, max_pixels, torch_threads, min_side)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -190,7 +206,7 @@ def create_app(model_dir: str | Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_
         predictor.close()
 
     app = FastAPI(title="flawscope inspection service", lifespan=lifespan,
-                  description=f"model {predictor.model.name} from {model_dir}")
+                  description=f"model {predictor.detector.name} from {model_dir}")
     app.state.predictor = predictor
 
     @app.get("/health")

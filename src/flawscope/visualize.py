@@ -46,3 +46,28 @@ def heatmap_overlay(image: Image.Image, amap: np.ndarray, vrange: tuple[float, f
         edge = mask & ~ndimage.binary_erosion(mask, iterations=max(1, image.width // 256))
         out[edge] = (0.0, 1.0, 0.0)
     return Image.fromarray(np.round(out * 255).astype(np.uint8))
+
+
+def annotate(overlay: Image.Image, vrange: tuple[float, float], text: str) -> Image.Image:
+    """The overlay with a strip below it: the colour scale (jet, low to high map value) with
+    its end values, and ``text`` (e.g. the score and the decision)."""
+    from PIL import ImageDraw, ImageFont
+
+    width = max(overlay.width, 240)
+    font = ImageFont.load_default()
+    line = 14
+    strip = Image.new("RGB", (width, 3 * line + 8), (255, 255, 255))
+    ramp = colormaps["jet"](np.linspace(0, 1, width))[:, :3]
+    bar = np.broadcast_to(ramp[None], (line, width, 3))
+    strip.paste(Image.fromarray(np.round(bar * 255).astype(np.uint8)), (0, 2))
+    draw = ImageDraw.Draw(strip)
+    lo, hi = vrange
+    draw.text((2, line + 2), f"{lo:.3g}", fill=(0, 0, 0), font=font)
+    high = f"{hi:.3g}"
+    draw.text((width - 2 - draw.textlength(high, font=font), line + 2), high, fill=(0, 0, 0),
+              font=font)
+    draw.text((2, 2 * line + 4), text, fill=(0, 0, 0), font=font)
+    out = Image.new("RGB", (width, overlay.height + strip.height), (255, 255, 255))
+    out.paste(overlay, (0, 0))
+    out.paste(strip, (0, overlay.height))
+    return out

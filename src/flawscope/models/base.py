@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from ..data import image_to_tensor
 from ..errors import FlawscopeError
 
 
@@ -121,35 +118,23 @@ class AnomalyModel(ABC):
         """
         return None
 
+    @classmethod
+    def exports_onnx(cls) -> bool:
+        """Whether fitted models of this class can be exported (they implement
+        :meth:`onnx_module`)."""
+        return cls.onnx_module is not AnomalyModel.onnx_module
+
     # ----------------------------------------------------------------- shared helpers
     @torch.no_grad()
-    def score_tensor(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores and maps resized to the input's resolution ``(B, S, S)``, as float32."""
-        scores, maps = self.score_batch(images)
+    def score_tensor(self, images: torch.Tensor, engine=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and maps resized to the input's resolution ``(B, S, S)``, as float32.
+
+        ``engine`` (default: this model's own ``score_batch``) is any function with the same
+        contract, such as an exported graph: resizing stays here, the same for every engine.
+        """
+        scores, maps = (engine or self.score_batch)(images)
         maps = resize_maps(maps, images.shape[-2:])
         return scores.float().reshape(-1), maps
-
-    def score(self, images: Iterable[Image.Image],
-              batch_size: int = 8) -> list[tuple[float, np.ndarray]]:
-        """Score PIL images: per image ``(score, map)`` with the map at the image's own size."""
-        results: list[tuple[float, np.ndarray]] = []
-        batch: list[Image.Image] = []
-
-        def flush() -> None:
-            x = torch.stack([image_to_tensor(im.convert("RGB"), self.image_size) for im in batch])
-            scores, maps = self.score_tensor(x)
-            for im, s, m in zip(batch, scores, maps, strict=True):
-                full = resize_maps(m[None], (im.height, im.width))[0]
-                results.append((float(s), full.numpy()))
-            batch.clear()
-
-        for im in images:
-            batch.append(im)
-            if len(batch) == batch_size:
-                flush()
-        if batch:
-            flush()
-        return results
 
 
 class ScoreBatchModule(torch.nn.Module):

@@ -1,0 +1,255 @@
+"""The Python API: fit, save, load, predict and evaluate with one object.
+
+Example::
+
+    from flawscope import Detector
+
+    det = Detector.fit("data/synthetic_object", model="patchcore", preset="fast")
+    det.save("models/object")
+
+    det = Detector.load("models/object")
+    p = det.predict("part.png")            # a path, a PIL image or a numpy array
+    print(p.score, p.is_anomalous, p.anomaly_map.shape)   # map at the image's own size
+    p.overlay(annotate=True).save("part_heatmap.png")
+
+    for p in det.predict_many(["a.png", "b.png"]):        # streams; bad files give p.error
+        print(p.source, p.error or p.is_anomalous)
+
+    result = det.evaluate("data/synthetic_object")        # a category with test/
+    print(result.metrics["image_auroc"], result.metrics["false_alarm_rate"])
+
+``flawscope predict``, ``flawscope test`` and ``flawscope serve`` are thin layers over this
+class, so a decision is made by one code path wherever it is asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import visualize
+from .data import DEFAULT_MAX_PIXELS, MIN_SIDE, as_image, image_to_tensor
+from .errors import FlawscopeError
+from .modelfile import load_model, save_model
+from .models import AnomalyModel
+from .models.base import resize_maps
+from .pipeline import (
+    DEFAULT_HOLDOUT,
+    DEFAULT_PIXEL_SIZE,
+    Engine,
+    Evaluation,
+    evaluate,
+    fit_model,
+)
+from .threshold import DEFAULT_MAX_FALSE_ALARM, Decision, decision_for
+
+log = logging.getLogger(__name__)
+
+#: Verdict words used in printed lines and annotated heat maps.
+VERDICTS = {True: "ANOMALOUS", False: "ok", None: "undecided"}
+
+
+@dataclass
+class Prediction:
+    """The outcome for one image.
+
+    ``score`` is the raw anomaly score (higher is more anomalous), ``normalized_score`` its
+    logistic mapping (0.5 at the threshold, 0.1 for a typical good part; see
+    :mod:`flawscope.threshold`), ``is_anomalous`` the decision (None without a threshold),
+    ``anomaly_map`` a float32 ``(height, width)`` map at the image's own size. When the image
+    could not be read, ``error`` says why and the other fields are None.
+    """
+
+    source: str
+    score: float | None = None
+    normalized_score: float | None = None
+    is_anomalous: bool | None = None
+    threshold: float | None = None
+    anomaly_map: np.ndarray | None = field(default=None, repr=False)
+    width: int | None = None
+    height: int | None = None
+    error: str | None = None
+    image: Image.Image | None = field(default=None, repr=False)
+    colour_range: tuple[float, float] | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def verdict(self) -> str:
+        return "error" if self.error else VERDICTS[self.is_anomalous]
+
+    def overlay(self, annotate: bool = False) -> Image.Image:
+        """The image with the heat map blended on top (one colour scale for the model, from
+        its good calibration images); with ``annotate`` also the colour scale, the score and
+        the decision written below it."""
+        if not self.ok or self.image is None or self.anomaly_map is None:
+            raise FlawscopeError(f"{self.source}: no heat map ({self.error or 'no image kept'})")
+        picture = visualize.heatmap_overlay(self.image, self.anomaly_map, self.colour_range)
+        if annotate:
+            normalized = ("-" if self.normalized_score is None
+                          else f"{self.normalized_score:.3f}")
+            picture = visualize.annotate(picture, self.colour_range,
+                                         f"score {self.score:.4g}  normalized "
+                                         f"{normalized}  {self.verdict}")
+        return picture
+
+    def record(self) -> dict[str, Any]:
+        """The JSON record of ``flawscope predict`` and the service (no map, no image)."""
+        return {"path": self.source, "score": self.score,
+                "normalized_score": self.normalized_score, "is_anomalous": self.is_anomalous,
+                "threshold": self.threshold, "width": self.width, "height": self.height,
+                "error": self.error}
+
+
+class Detector:
+    """A fitted model with its decision threshold: the object to fit, save, load and use.
+
+    Build one with :meth:`fit` or :meth:`load`; see the module docstring for an example.
+    ``engine`` runs the model's scoring graph (default: the model's own PyTorch code); the
+    resizing of images and maps around it is the same for every engine.
+    """
+
+    def __init__(self, model: AnomalyModel, manifest: dict[str, Any] | None = None,
+                 directory: str | Path | None = None, engine: Engine | None = None):
+        self.model = model
+        self.manifest = dict(manifest or {})
+        self.directory = Path(directory) if directory is not None else None
+        self.engine = engine
+        self.decision: Decision = decision_for(self.manifest)
+        #: Size rule for every image predicted (see :func:`flawscope.data.check_dimensions`).
+        self.max_pixels, self.min_side = DEFAULT_MAX_PIXELS, MIN_SIDE
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def fit(cls, data, model: str = "patchcore", preset: str | None = None, *,
+            out: str | Path | None = None, holdout: float = DEFAULT_HOLDOUT,
+            max_false_alarm: float = DEFAULT_MAX_FALSE_ALARM, **settings: Any) -> Detector:
+        """Learn normal from good images and set the threshold from held-out good ones.
+
+        ``data``: an MVTec-layout category folder (its ``train/good``), a plain folder of good
+        images, or a list of images (paths, PIL images or arrays). ``settings`` override the
+        model's Config fields (see ``flawscope models``). With ``out`` the model is also saved
+        there (and training checkpoints let an interrupted fit resume).
+        """
+        result = fit_model(data, model, out, preset, settings, holdout, max_false_alarm)
+        manifest = result.manifest_fields | {"model": result.model.name}
+        return cls(result.model, manifest, out)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Detector:
+        """A model directory written by :meth:`save` or ``flawscope fit``."""
+        model, manifest = load_model(directory)
+        return cls(model, manifest, directory)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the model and its threshold to ``directory`` (atomically)."""
+        fields = {k: self.manifest[k] for k in ("fit_info", "calibration", "threshold")
+                  if k in self.manifest}
+        path = save_model(self.model, directory, extra=fields)
+        self.directory = Path(directory)
+        return path
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def threshold(self) -> float | None:
+        return self.decision.value
+
+    def __repr__(self) -> str:
+        return (f"Detector(model={self.name!r}, threshold={self.threshold}, "
+                f"directory={str(self.directory) if self.directory else None!r})")
+
+    # ------------------------------------------------------------------ prediction
+    def predict(self, image) -> Prediction:
+        """Score one image (path, PIL image or array); a bad image raises a clear error."""
+        [prediction] = self.predict_many([image], batch_size=1, on_error="raise")
+        return prediction
+
+    def predict_many(self, images: Iterable, batch_size: int = 8, on_error: str = "skip",
+                     keep_images: bool = True) -> Iterator[Prediction]:
+        """Score images lazily, in batches, yielding one :class:`Prediction` per input in
+        input order.
+
+        ``on_error``: ``"skip"`` yields a Prediction with ``error`` set for an unreadable
+        image and goes on; ``"raise"`` stops with the error. ``keep_images=False`` drops the
+        decoded image from each Prediction (no ``overlay()``), to save memory on long runs.
+        """
+        if on_error not in ("skip", "raise"):
+            raise FlawscopeError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
+        pending: list[tuple[str, Image.Image | None, str | None]] = []
+        for item in images:
+            source = _describe(item)
+            try:
+                pending.append((source, as_image(item, self.max_pixels, self.min_side), None))
+            except FlawscopeError as exc:
+                if on_error == "raise":
+                    raise
+                pending.append((source, None, str(exc)))
+            if sum(1 for _, im, _ in pending if im is not None) == batch_size:
+                yield from self._score_pending(pending, keep_images)
+                pending = []
+        if pending:
+            yield from self._score_pending(pending, keep_images)
+
+    @torch.no_grad()
+    def _score_pending(self, pending: list, keep_images: bool) -> Iterator[Prediction]:
+        decoded = [im for _, im, _ in pending if im is not None]
+        results: list[tuple[float, np.ndarray]] = []
+        if decoded:
+            size = self.model.image_size
+            batch = torch.stack([image_to_tensor(im, size) for im in decoded])
+            scores, maps = self.model.score_tensor(batch, self.engine)
+            for im, score, amap in zip(decoded, scores, maps, strict=True):
+                full = resize_maps(amap[None], (im.height, im.width))[0].numpy()
+                results.append((float(score), full))
+        calibration = self.manifest.get("calibration")
+        scored = iter(results)
+        for source, im, error in pending:
+            if im is None:
+                yield Prediction(source, error=error)
+                continue
+            score, amap = next(scored)
+            yield Prediction(source, **self.decision(score), anomaly_map=amap, width=im.width,
+                             height=im.height, image=im if keep_images else None,
+                             colour_range=visualize.display_range(amap, calibration))
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, data: str | Path, pixel_size: int = DEFAULT_PIXEL_SIZE,
+                 batch_size: int = 16, out: str | Path | None = None) -> Evaluation:
+        """Score a category's test images; ``.metrics`` holds everything ``flawscope test``
+        writes (metrics, the stored threshold's false-alarm and detection rates, timings).
+        With ``out``, the results folder is written as ``flawscope test`` writes it."""
+        evaluation = evaluate(self.model, data, pixel_size, batch_size, self.manifest,
+                              self.engine)
+        evaluation.metrics["model_dir"] = str(self.directory) if self.directory else None
+        if out is not None:
+            from . import results
+            from .gallery import save_report_assets
+
+            # Pictures for `flawscope report`, drawn now because they need the model.
+            save_report_assets(self.model, self.manifest, evaluation, out, self.directory)
+            results.write(out, evaluation.metrics, evaluation.paths, evaluation.defect_types,
+                          evaluation.labels, evaluation.scores)
+        return evaluation
+
+
+def _describe(item) -> str:
+    if isinstance(item, (str, Path)):
+        return str(item)
+    if isinstance(item, np.ndarray):
+        return f"<array {'x'.join(map(str, item.shape))}>"
+    if isinstance(item, Image.Image):
+        return getattr(item, "filename", "") or f"<image {item.width}x{item.height}>"
+    return f"<{type(item).__name__}>"
