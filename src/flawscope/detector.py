@@ -195,6 +195,7 @@ class Detector:
                 pending.append((source, as_image(item, self.max_pixels, self.min_side), None))
             except FlawscopeError as exc:
                 if on_error == "raise":
+                    yield from self._score_pending(pending, keep_images)  # the inputs before it
                     raise
                 pending.append((source, None, str(exc)))
             if sum(1 for _, im, _ in pending if im is not None) == batch_size:
