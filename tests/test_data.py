@@ -2,6 +2,7 @@
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -168,3 +169,45 @@ def test_cli_reports_bad_data_without_traceback(tmp_path):
     assert proc.returncode != 0
     assert "over the limit of 1,000" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_nested_roots_are_searched_and_names_resolved(tmp_path):
+    make_category(tmp_path / "mvtec" / "screw")
+    make_category(tmp_path / "welds" / "welding")
+    found = find_categories(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["mvtec/screw",
+                                                                   "welds/welding"]
+    assert find_categories(tmp_path, ["welding", "mvtec/screw"]) == [
+        tmp_path / "welds" / "welding", tmp_path / "mvtec" / "screw"]
+    with pytest.raises(DataError, match="categories under .*mvtec/screw, welds/welding"):
+        find_categories(tmp_path, ["toothbrush"])
+
+
+def test_tiny_images_are_refused_by_name(tmp_path):
+    path = _img(tmp_path / "icon.png", size=(16, 64))
+    with pytest.raises(DataError, match="icon.png: image is 16x64 pixels; the shortest side"):
+        read_image(path, min_side=32)
+
+
+def test_a_decompression_bomb_gets_flawscopes_message(tmp_path):
+    import zlib
+
+    path = _img(tmp_path / "bomb.png", size=(32, 32))
+    data = path.read_bytes()
+    header = data[12:16] + (100_000).to_bytes(4, "big") * 2 + data[24:29]
+    path.write_bytes(data[:12] + header + zlib.crc32(header).to_bytes(4, "big") + data[33:])
+    with pytest.raises(DataError, match="bomb.png: image is over the limit of") as info:
+        read_image(path)
+    assert "decompression bomb DOS" not in str(info.value)
+
+
+def test_test_set_is_read_only_by_the_verbs_that_need_it(tmp_path):
+    root = make_category(tmp_path / "cat")
+    _mask(root / "ground_truth/crack/000_mask.png", size=(32, 32))  # a test-set problem
+    assert open_category(root, test=False).train  # fitting does not look at it
+    with pytest.raises(DataError, match="mask is 32x32"):
+        open_category(root, train=False)
+    shutil.rmtree(root / "train")
+    shutil.rmtree(root / "ground_truth")
+    category = open_category(root, train=False)
+    assert not category.has_masks and all(t.mask_path is None for t in category.test)

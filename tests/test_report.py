@@ -20,6 +20,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from flawscope import results
 from flawscope.benchmark import run_benchmark
 from flawscope.cli import cli
 from flawscope.gallery import ASSETS_DIR, save_report_assets, select_gallery
@@ -194,6 +195,9 @@ def test_report_rebuilds_from_saved_results_without_models(bench, tmp_path):
     metrics = json.loads((copy / "gaussian" / "synthetic_object" / "metrics.json").read_text())
     assert f"{metrics['image_auroc']:.3f}" in html
     assert "corrupt or truncated" in html
+    # The decision beside AUROC: rates at the stored threshold and what it rests on.
+    assert "detection rate at the stored threshold" in html
+    assert results.decision_summary(metrics) in html
     empty = CliRunner().invoke(cli, ["report", str(tmp_path / "results" / "gaussian")])
     assert empty.exit_code == 1 and "no results found" in empty.output
 
@@ -222,6 +226,13 @@ def test_summary_marks_the_best_model_per_row():
     rows = {r["label"]: r for r in group["rows"]}
     assert [c["best"] for c in rows["image AUROC"]["cells"]] == [True, False, False]
     assert [c["best"] for c in rows["fit time (s)"]["cells"]] == [False, True, False]
+    pairs[("a", "c")].metrics |= {"detection_rate": 0.43, "false_alarm_rate": 0.029,
+                                  "threshold_n_good": 4}
+    [group] = summary_table(pairs, ["a", "b", "x"], ["c"])
+    rows = {r["label"]: r for r in group["rows"]}
+    assert rows["detection rate at the stored threshold"]["cells"][0]["text"] == "43.0%"
+    assert rows["false-alarm rate at the stored threshold"]["cells"][0]["text"] == "2.9%"
+    assert rows["good images the threshold rests on"]["cells"][0]["text"] == "4"
     assert group["status"] == ["ok", "ok", "failed"] and group["errors"][2] == "boom"
 
     # Means only over the categories every model finished (here only "d").

@@ -13,9 +13,11 @@ import pytest
 import uvicorn
 from PIL import Image
 
+from flawscope import Detector
+from flawscope.data import DEFAULT_MAX_PIXELS, MIN_SIDE
 from flawscope.modelfile import read_manifest
 from flawscope.pipeline import fit_model
-from flawscope.serve import create_app, decode_upload
+from flawscope.serve import Predictor, UploadError, create_app, decode_upload
 from flawscope.threshold import decision_for
 
 
@@ -61,6 +63,16 @@ def test_health(server):
     body = client.get("/health").json()
     assert body["status"] == "ok" and body["model"] == "gaussian"
     assert body["threshold"] == read_manifest(model_dir)["threshold"]["value"]
+    assert body["warmup_ms"] > 0  # the model scored before the server answered at all
+
+
+def test_service_and_cli_decide_alike(server, synth_root):
+    client, model_dir = server
+    path = synth_root / "synthetic_object" / "test" / "crack" / "002.png"
+    body = post(client, path.read_bytes()).json()
+    local = Detector.load(model_dir).predict(path)
+    assert body["score"] == local.score and body["is_anomalous"] == local.is_anomalous
+    assert body["normalized_score"] == local.normalized_score
 
 
 def test_predict_matches_the_stored_decision_and_returns_a_heatmap(server, synth_root):
@@ -90,6 +102,7 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, synth_root):
         "truncated": (post(client, good[: len(good) // 2]), 400),
         "empty": (post(client, b""), 400),
         "too many pixels": (post(client, png_bytes(Image.new("RGB", (400, 300)))), 413),
+        "too small to inspect": (post(client, png_bytes(Image.new("RGB", (1, 1)))), 422),
         "upload too big": (post(client, big), 413),
         "no file field": (client.post("/predict", data={"x": "1"}), 422),
         "eps is refused": (post(client, b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 1 1\n"),
@@ -116,3 +129,34 @@ def test_decode_upload_handles_grayscale_and_16_bit():
     gray16 = Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16))
     image = decode_upload(png_bytes(gray16))
     assert image.mode == "RGB" and image.size == (64, 64)
+
+
+def test_upload_messages_name_flawscope_limits():
+    with pytest.raises(UploadError, match="no content") as empty:
+        decode_upload(b"")
+    assert "field" not in str(empty.value)  # the field was sent; it was empty
+    with pytest.raises(UploadError, match=f"at least {MIN_SIDE} pixels") as tiny:
+        decode_upload(png_bytes(Image.new("L", (1, 1))))
+    assert tiny.value.status == 422
+    # A 100000 x 100000 PNG header: refused before decoding with flawscope's own limit, not
+    # Pillow's decompression-bomb message.
+    bomb = png_bytes(Image.new("1", (1, 1)))
+    bomb = bomb[:16] + (100_000).to_bytes(4, "big") * 2 + bomb[24:]
+    import zlib
+    crc = zlib.crc32(bomb[12:29]).to_bytes(4, "big")
+    bomb = bomb[:29] + crc + bomb[33:]
+    with pytest.raises(UploadError) as large:
+        decode_upload(bomb)
+    assert large.value.status == 413 and f"{DEFAULT_MAX_PIXELS:,}" in str(large.value)
+    assert "could be decompression bomb" not in str(large.value)
+
+
+def test_the_service_uses_the_command_lines_pixel_limit():
+    import inspect
+
+    from flawscope.cli import serve_cmd
+
+    assert inspect.signature(create_app).parameters["max_pixels"].default == DEFAULT_MAX_PIXELS
+    assert inspect.signature(Predictor).parameters["max_pixels"].default == DEFAULT_MAX_PIXELS
+    limit = [p for p in serve_cmd.params if p.name == "max_pixels"][0]
+    assert limit.default is None  # falls through to the shared default

@@ -40,9 +40,10 @@ JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini", ".gitkeep", ".directory"}
 #: Largest image accepted, in pixels. Larger files are refused before decoding, which
 #: protects against decompression bombs (a tiny PNG that expands to gigabytes).
 DEFAULT_MAX_PIXELS = int(os.environ.get("FLAWSCOPE_MAX_PIXELS", 64_000_000))
-#: Shortest side accepted, in pixels. Smaller inputs (a 1x1 thumbnail, an icon sent by
-#: mistake) carry no inspectable part; every model upsamples them to its input size and would
-#: return a confident but meaningless verdict.
+#: Shortest side of an image to inspect (``Detector.predict``, ``flawscope predict``, the
+#: service), in pixels. Smaller inputs (a 1x1 thumbnail, an icon sent by mistake) carry no
+#: inspectable part; every model upsamples them to its input size and would return a
+#: confident but meaningless verdict. Datasets are not held to it (``min_side=1``).
 MIN_SIDE = 32
 GOOD = "good"
 #: What the library accepts as one image: a file path, a PIL image, or an (H, W) / (H, W, 3)
@@ -234,11 +235,12 @@ def check_dimensions(width: int, height: int, where: object,
     the file or upload in the message). The one size rule of the CLI, the library and the
     service."""
     if width * height > max_pixels:
-        raise ImageTooLarge(f"{where}: image is {width}x{height} = {width * height:,} pixels, over "
-                        f"the limit of {max_pixels:,} (set FLAWSCOPE_MAX_PIXELS to raise it)")
+        raise ImageTooLarge(f"{where}: image is {width}x{height} = {width * height:,} pixels, "
+                            f"over the limit of {max_pixels:,} (set FLAWSCOPE_MAX_PIXELS to "
+                            "raise it)")
     if min(width, height) < min_side:
-        raise ImageTooSmall(f"{where}: image is {width}x{height} pixels; the shortest side must be "
-                        f"at least {min_side} pixels")
+        raise ImageTooSmall(f"{where}: image is {width}x{height} pixels; the shortest side "
+                            f"must be at least {min_side} pixels")
 
 
 def open_checked(source, where: object, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -277,7 +279,7 @@ def _check_mask_size(item: TestImage) -> None:
 
 
 def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
-               min_side: int = MIN_SIDE) -> Image.Image:
+               min_side: int = 1) -> Image.Image:
     """Decode an image fully into RGB, refusing corrupt, truncated, oversized and tiny files."""
     path = Path(path)
     with open_checked(path, path, max_pixels, min_side) as im:
@@ -288,8 +290,7 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
             raise DataError(f"{path}: corrupt or truncated image ({exc})") from None
 
 
-def as_image(source, max_pixels: int = DEFAULT_MAX_PIXELS,
-             min_side: int = MIN_SIDE) -> Image.Image:
+def as_image(source, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1) -> Image.Image:
     """One image from any :data:`ImageSource` as an RGB PIL image (size rule applied)."""
     if isinstance(source, Image.Image):
         check_dimensions(*source.size, "image", max_pixels, min_side)
@@ -303,7 +304,7 @@ def as_image(source, max_pixels: int = DEFAULT_MAX_PIXELS,
 
 
 def array_to_image(array: np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS,
-                   min_side: int = MIN_SIDE) -> Image.Image:
+                   min_side: int = 1) -> Image.Image:
     """(H, W), (H, W, 1) or (H, W, 3) array -> RGB image. uint8 is taken as 0..255, floats as
     0..1 (values outside are clipped)."""
     arr = np.asarray(array)
