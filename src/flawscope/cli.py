@@ -378,8 +378,12 @@ def demo(out: Path, model_name: str, force: bool) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on (0.0.0.0 exposes the service to the network).")
 @click.option("--port", default=8000, show_default=True, help="TCP port to listen on.")
-@click.option("--workers", default=2, show_default=True,
+@click.option("--workers", default=1, show_default=True,
               help="Scoring threads (each gets cpu_count/workers PyTorch threads).")
+@click.option("--max-batch", default=16, show_default=True,
+              help="Most images of concurrent requests scored together.")
+@click.option("--batch-window-ms", default=5.0, show_default=True,
+              help="How long a request waits for others to share its batch.")
 @click.option("--max-upload-mb", default=20.0, show_default=True,
               help="Larger uploads are refused with 413.")
 @click.option("--max-pixels", default=None, type=int,
@@ -388,8 +392,9 @@ def demo(out: Path, model_name: str, force: bool) -> None:
 @click.option("--min-side", default=None, type=int,
               help="Images whose shorter side is smaller are refused with 422 [default: 32].")
 @click.option("--access-log", is_flag=True, help="Log every request.")
-def serve_cmd(model_dir: Path, host: str, port: int, workers: int, max_upload_mb: float,
-              max_pixels: int | None, min_side: int | None, access_log: bool) -> None:
+def serve_cmd(model_dir: Path, host: str, port: int, workers: int, max_batch: int,
+              batch_window_ms: float, max_upload_mb: float, max_pixels: int | None,
+              min_side: int | None, access_log: bool) -> None:
     """Serve a model over HTTP: POST /predict (multipart field `file`, ?heatmap=true), GET
     /health. Answers JSON with score, normalized_score, is_anomalous and latency_ms."""
     from .serve import serve
@@ -397,7 +402,7 @@ def serve_cmd(model_dir: Path, host: str, port: int, workers: int, max_upload_mb
     limits = {k: v for k, v in (("max_pixels", max_pixels), ("min_side", min_side))
               if v is not None}
     serve(model_dir, host, port, access_log=access_log, max_upload_mb=max_upload_mb,
-          workers=workers, **limits)
+          workers=workers, max_batch=max_batch, batch_window_ms=batch_window_ms, **limits)
 
 
 @cli.command("report")
