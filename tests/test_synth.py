@@ -188,3 +188,9 @@ def test_cli_synth_writes_small_defects(tmp_path):
     for item in open_category(tmp_path / "synthetic_object").test:
         if item.mask_path is not None:
             assert max(_extent(np.asarray(Image.open(item.mask_path)) > 0)) <= 5
+
+
+def test_parallel_workers_write_the_same_files(tmp_path):
+    generate(tmp_path / "one", SMALL, workers=1)
+    generate(tmp_path / "two", SMALL, workers=2)
+    assert _digest(tmp_path / "one") == _digest(tmp_path / "two")

@@ -8,10 +8,10 @@ Pixel level (anomaly maps against ground-truth masks): ROC AUC over all pixels, 
 the area under the per-region-overlap curve up to a false-positive rate of 0.3, normalized to
 [0, 1] (Bergmann et al., "The MVTec Anomaly Detection Dataset", IJCV 2021). Both are exact
 (every distinct score is a threshold). They hold maps as float32 (never the whole category
-as float64) but sort all pixels, which costs about 50 bytes per pixel at the peak; so
-flawscope evaluates pixel metrics at a fixed resolution (``flawscope test --pixel-size``,
-default 256: each map and mask resized to 256 x 256), where a 1,000-image category needs
-about 3.3 GB. Lower ``--pixel-size`` where that does not fit.
+as float64) but sort all pixels, which costs about 50 bytes per pixel at the peak: a
+1,000-image category at 256 x 256 needs about 3.3 GB. For evaluation at each mask's own
+resolution, :class:`flawscope.pixelmetrics.PixelMetrics` computes both pixel metrics one
+image at a time in fixed memory, within a reported bound (about 1e-6) of these values.
 """
 
 from __future__ import annotations

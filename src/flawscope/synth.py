@@ -18,8 +18,9 @@ broken, one that can is not thereby proven on real data.
 
 from __future__ import annotations
 
+import os
 import shutil
-from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -309,8 +310,29 @@ def _save_mask(mask: np.ndarray, path: Path) -> None:
     Image.fromarray(mask.astype(np.uint8) * 255).save(path, **_png_options(mask.shape[0]))
 
 
-def _write_category(out: Path, name: str, spec: SynthSpec, make_good: Callable,
-                    make_bad: Callable, defects: tuple[str, ...], index: int) -> None:
+def _render(name: str, spec: SynthSpec, key: list[int], kind: str | None,
+            image_path: Path, mask_path: Path | None) -> None:
+    """Draw and save one image (and its mask): a good one where ``kind`` is None.
+
+    Everything random comes from ``key`` alone, so images can be drawn in any order or in
+    parallel with the same result.
+    """
+    r = np.random.default_rng(key)
+    if name == "synthetic_texture":
+        img = texture_image(r, spec.size)
+        if kind is not None:
+            img, mask = add_texture_defect(r, img, kind, spec.defect_px)
+    else:
+        img, part = object_image(r, spec.size)
+        if kind is not None:
+            img, mask = add_object_defect(r, img, part, kind, spec.defect_px)
+    _save(img, image_path)
+    if mask_path is not None:
+        _save_mask(mask, mask_path)
+
+
+def _write_category(out: Path, name: str, spec: SynthSpec, defects: tuple[str, ...],
+                    index: int, workers: int) -> None:
     folder = out / name
     if folder.exists():
         if not (folder / MARKER).exists():
@@ -321,24 +343,35 @@ def _write_category(out: Path, name: str, spec: SynthSpec, make_good: Callable,
     small = f" defect_px={spec.defect_px}" if spec.defect_px else ""
     (folder / MARKER).write_text(f"seed={spec.seed} size={spec.size}{small}\n")
 
-    def rng(split: int, i: int) -> np.random.Generator:
-        return np.random.default_rng([spec.seed, index, split, i])
-
+    jobs = []  # (random key, defect kind or None, image path, mask path or None)
     for i in range(spec.n_train):
-        _save(make_good(rng(0, i))[0], folder / "train" / "good" / f"{i:03d}.png")
+        jobs.append(([spec.seed, index, 0, i], None,
+                     folder / "train" / "good" / f"{i:03d}.png", None))
     for i in range(spec.n_test_good):
-        _save(make_good(rng(1, i))[0], folder / "test" / "good" / f"{i:03d}.png")
+        jobs.append(([spec.seed, index, 1, i], None,
+                     folder / "test" / "good" / f"{i:03d}.png", None))
     for d, kind in enumerate(defects):
         for i in range(spec.n_test_per_defect):
-            r = rng(2 + d, i)
-            img, mask = make_bad(r, kind)
-            _save(img, folder / "test" / kind / f"{i:03d}.png")
-            _save_mask(mask, folder / "ground_truth" / kind / f"{i:03d}_mask.png")
+            jobs.append(([spec.seed, index, 2 + d, i], kind,
+                         folder / "test" / kind / f"{i:03d}.png",
+                         folder / "ground_truth" / kind / f"{i:03d}_mask.png"))
+    if workers <= 1 or len(jobs) < 2:
+        for job in jobs:
+            _render(name, spec, *job)
+        return
+    with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+        for done in [pool.submit(_render, name, spec, *job) for job in jobs]:
+            done.result()  # re-raises a worker's error
 
 
 def generate(out: str | Path, spec: SynthSpec = SynthSpec(),
-             categories: tuple[str, ...] = CATEGORIES) -> list[Path]:
-    """Write the synthetic dataset under ``out``; returns the category folders."""
+             categories: tuple[str, ...] = CATEGORIES, workers: int = 1) -> list[Path]:
+    """Write the synthetic dataset under ``out``; returns the category folders.
+
+    ``workers`` > 1 draws images in that many processes (0: one per CPU core); the files
+    are the same.
+    """
+    workers = workers or os.cpu_count() or 1
     out = Path(out)
     size = spec.size
     if size < 32:
@@ -346,30 +379,12 @@ def generate(out: str | Path, spec: SynthSpec = SynthSpec(),
     if spec.defect_px and not 3 <= spec.defect_px <= size // 4:
         raise FlawscopeError(f"--defect-px {spec.defect_px}: small defects need 3 to "
                              f"{size // 4} pixels at --size {size} (0 = scale with the image)")
-
-    def texture_good(r):
-        return (texture_image(r, size),)
-
-    def texture_bad(r, kind):
-        return add_texture_defect(r, texture_image(r, size), kind, spec.defect_px)
-
-    def object_good(r):
-        return object_image(r, size)
-
-    def object_bad(r, kind):
-        img, part = object_image(r, size)
-        return add_object_defect(r, img, part, kind, spec.defect_px)
-
-    makers = {
-        "synthetic_texture": (texture_good, texture_bad, TEXTURE_DEFECTS),
-        "synthetic_object": (object_good, object_bad, OBJECT_DEFECTS),
-    }
+    defects = {"synthetic_texture": TEXTURE_DEFECTS, "synthetic_object": OBJECT_DEFECTS}
     written = []
     for name in categories:
-        if name not in makers:
+        if name not in defects:
             raise FlawscopeError(f"unknown synthetic category {name!r}; "
                                  f"choose from {', '.join(CATEGORIES)}")
-        good, bad, defects = makers[name]
-        _write_category(out, name, spec, good, bad, defects, CATEGORIES.index(name))
+        _write_category(out, name, spec, defects[name], CATEGORIES.index(name), workers)
         written.append(out / name)
     return written
