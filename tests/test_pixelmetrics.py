@@ -220,8 +220,10 @@ def test_image_order_does_not_change_the_result(synthetic_set):
     _, forward = streamed(maps, masks)
     _, backward = streamed(maps[::-1], masks[::-1])
     for key in ("pixel_auroc", "pixel_aupro"):
-        # Different orders may end at different bin widths; both are within their bounds.
-        assert forward[key] == pytest.approx(backward[key], abs=2 * TOLERANCE)
+        # Different orders may end at different bin widths; each is within its own bound of
+        # the exact value (1e-12: float sums).
+        bounds = forward[f"{key}_max_error"] + backward[f"{key}_max_error"]
+        assert abs(forward[key] - backward[key]) <= bounds + 1e-12
 
 
 def test_no_defect_pixels_gives_none_not_zero():
@@ -271,8 +273,9 @@ def test_bad_input_is_refused_clearly():
 def test_real_masks_at_native_size_agree_with_exact_and_official(category):
     items = open_category(shared_category(*category.split("/"))).test
     rng = np.random.default_rng(0)
-    defective = [t for t in items if t.mask_path is not None][:30]
-    good = [t for t in items if not t.is_anomalous][:8]
+    # A subset keeps the exact and official computations to a few GB and seconds.
+    defective = [t for t in items if t.mask_path is not None][:20]
+    good = [t for t in items if not t.is_anomalous][:6]
     masks = [np.asarray(Image.open(t.mask_path).convert("L")) > 127 for t in defective]
     # Good images first, so that the bins start narrow and must widen; they take the size
     # of the first defective image (magnetic tiles vary in size).
@@ -289,6 +292,14 @@ def test_real_masks_at_native_size_agree_with_exact_and_official(category):
         region, scores = flatten_per_image(maps, masks)
         exact_auroc = metrics.pixel_auroc(region > 0, scores)
         exact_aupro = metrics.area_to_limit(*_pro_curve_of_regions(region, scores))
+    print(f"\n{category}: {len(masks)} maps, {sum(m.size for m in masks) / 1e6:.1f} Mpx; "
+          f"exact AUROC {exact_auroc:.6f} AU-PRO {exact_aupro:.6f}; streamed - exact: "
+          f"AUROC {result['pixel_auroc'] - exact_auroc:+.1e} "
+          f"(bound {result['pixel_auroc_max_error']:.1e}), AU-PRO "
+          f"{result['pixel_aupro'] - exact_aupro:+.1e} "
+          f"(bound {result['pixel_aupro_max_error']:.1e})"
+          + (f"; streamed - official AU-PRO "
+             f"{result['pixel_aupro'] - official_aupro(maps, masks):+.1e}" if same_shape else ""))
     assert abs(result["pixel_auroc"] - exact_auroc) <= TOLERANCE
     assert abs(result["pixel_aupro"] - exact_aupro) <= TOLERANCE
     assert result["pixel_aupro_max_error"] < TOLERANCE
