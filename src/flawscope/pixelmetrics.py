@@ -17,12 +17,13 @@ Example::
 How the score range is found. It is not known before every map is seen, so the bins adapt
 in one pass: bin ``k`` holds scores ``s`` with ``floor(s / w) == k``, for a bin width ``w``
 that is a power of two. The first map (or ``score_range``, when the caller knows it) fills
-the middle half of the bins. When a later map falls outside, neighbouring bins are merged
-pairwise and ``w`` doubles until the window holds it. Because ``w`` is a power of two,
-``s / w`` and its floor are exact, so a merged bin holds exactly the scores that binning at
-the new width would have put there: the counts never depend on the order of the images,
-only on the final width. Each doubling halves the resolution, so a stray extreme score
-costs precision; the result says how much (below).
+the middle half of the bins. When a later map falls outside, the window of bins moves;
+where the scores seen so far no longer fit in ``bins`` bins, neighbouring bins merge
+pairwise (``w`` doubles) until they do. Because ``w`` is a power of two, ``s / w`` and its
+floor are exact, so a merged bin holds exactly the scores that binning at the new width
+would have put there: the counts depend on the images only through the final width, never
+on rounding or on when a bin was merged. Each doubling halves the resolution, so a stray
+extreme score costs precision; the result says how much (below).
 
 Error, measured, not assumed. Binning only loses the order of pixels that share a bin; the
 curve points at bin edges are points of the exact curve. So the result carries a
@@ -34,7 +35,8 @@ guaranteed bound on the difference to the exact computation on the same float32 
   lie in the box spanned by the edge points, so each segment adds at most half its box
   area (the whole box width for the segment cut at the FPR limit), divided by the limit.
 
-With realistic maps at 2**20 bins both bounds are below 1e-6, well inside 1e-4 (see
+With realistic maps at 2**20 bins both bounds stay below 3e-6 on the real MVTec AD,
+magnetic tile and weld masks, and the actual differences below 1e-7 (measured in
 tests/test_pixelmetrics.py); a bound above ``warn_above`` is logged as a warning.
 """
 
