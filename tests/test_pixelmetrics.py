@@ -254,6 +254,18 @@ def test_constant_first_map_then_a_wide_one():
     assert acc.result()["pixel_auroc"] == 1.0 and acc.result()["pixel_aupro"] == 1.0
 
 
+def test_an_extreme_outlier_costs_precision_and_says_so(synthetic_set, caplog):
+    maps, masks = synthetic_set
+    maps = maps.copy()
+    maps[-1, 0, 0] = 1e9  # one broken pixel: the bins must widen a billion-fold
+    with caplog.at_level("WARNING", logger="flawscope.pixelmetrics"):
+        _, result = streamed(maps, masks)
+    exact_aupro = metrics.aupro(masks, maps)
+    assert result["pixel_aupro_max_error"] > TOLERANCE
+    assert abs(result["pixel_aupro"] - exact_aupro) <= result["pixel_aupro_max_error"] + 1e-12
+    assert "may differ from the exact values" in caplog.text
+
+
 def test_bad_input_is_refused_clearly():
     acc = PixelMetrics()
     with pytest.raises(ValueError, match="differ in shape"):
