@@ -14,6 +14,17 @@ Two categories, deterministic for a seed:
 Every mask is the exact set of pixels the defect changed. The data exist so that tests and
 the demo run anywhere, with defects meant to be visible: a method that cannot find them is
 broken, one that can is not thereby proven on real data.
+
+High resolution: any size from 32 px (``flawscope synth --size 2048``). By default defects
+scale with the image; ``SynthSpec(defect_px=8)`` (``--defect-px 8``) makes every defect fit
+in an 8 x 8 pixel box instead, so that on a 1024-px image they are plain at native size and
+under 2 px once the image is squashed to 256. Images are drawn independently from their
+own random keys, so ``workers`` processes write the same files as one.
+
+Example::
+
+    from flawscope.synth import SynthSpec, generate
+    generate("data", SynthSpec(size=1024, defect_px=8, n_train=20), workers=2)
 """
 
 from __future__ import annotations
