@@ -84,8 +84,13 @@ def cli(verbose: int) -> None:
               help="Test images per defect type.")
 @click.option("--categories", default=None,
               help="Comma-separated subset of synthetic_texture,synthetic_object.")
+@click.option("--defect-px", default=0, show_default=True,
+              help="0: defects scale with the image; N: every defect fits in an N x N pixel "
+                   "box (e.g. --size 1024 --defect-px 8 for defects a few pixels wide).")
+@click.option("--workers", default=0, show_default=True,
+              help="Processes drawing images (0: one per CPU core); the files are the same.")
 def synth(out: Path, seed: int, size: int, n_train: int, test_good: int, test_defect: int,
-          categories: str | None) -> None:
+          categories: str | None, defect_px: int, workers: int) -> None:
     """Write a synthetic MVTec-layout dataset with exact defect masks to OUT.
 
     Two categories: synthetic_texture (grayscale weave; scratch, hole, stain, crack) and
@@ -94,9 +99,9 @@ def synth(out: Path, seed: int, size: int, n_train: int, test_good: int, test_de
     from .synth import CATEGORIES, SynthSpec, generate
 
     spec = SynthSpec(size=size, n_train=n_train, n_test_good=test_good,
-                     n_test_per_defect=test_defect, seed=seed)
+                     n_test_per_defect=test_defect, seed=seed, defect_px=defect_px)
     names = tuple(_split(categories) or CATEGORIES)
-    for folder in generate(out, spec, names):
+    for folder in generate(out, spec, names, workers):
         click.echo(f"wrote {folder}")
 
 
