@@ -62,7 +62,7 @@ def _run(args: list[str], log_path: Path) -> None:
         raise RuntimeError(f"flawscope {args[0]} failed: {tail[0]}")
 
 
-def run_pair(pair: Pair, out: Path, preset: str | None, pixel_size: int,
+def run_pair(pair: Pair, out: Path, preset: str | None, pixel_size: int | None,
              settings: dict[str, str] | None = None) -> None:
     folder = pair.folder(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ def run_pair(pair: Pair, out: Path, preset: str | None, pixel_size: int,
         fit_args += ["--set", f"{key}={value}"]
     _run(fit_args, folder / "log.txt")
     _run(["test", "--model", str(model_dir), "--data", str(pair.category), "--out", str(folder),
-          "--pixel-size", str(pixel_size)], folder / "log.txt")
+          "--pixel-size", str(pixel_size or "native")], folder / "log.txt")
 
 
 def row_for(pair: Pair, out: Path) -> dict:
@@ -93,7 +93,7 @@ def row_for(pair: Pair, out: Path) -> dict:
 
 def run_benchmark(data: str | Path, models: list[str], categories: list[str] | None,
                   out: str | Path, preset: str | None = None, force: bool = False,
-                  pixel_size: int = 256, settings: dict[str, str] | None = None,
+                  pixel_size: int | None = None, settings: dict[str, str] | None = None,
                   progress=None) -> list[dict]:
     """Fit and test each pair; ``settings`` (KEY -> VALUE) override every model's preset.
 

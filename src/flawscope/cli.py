@@ -45,6 +45,19 @@ def _parse_settings(values: tuple[str, ...]) -> dict[str, str]:
     return settings
 
 
+def _pixel_size(_ctx, _param, value) -> int | None:
+    """``--pixel-size``: ``native`` (None) or a positive number of pixels."""
+    if value in (None, "native"):
+        return None
+    try:
+        size = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give `native` or a number of pixels") from None
+    if size < 8:
+        raise click.BadParameter(f"{size}: at least 8 pixels")
+    return size
+
+
 def _progress_lines():
     """Per-step lines on stderr when it is not a terminal (a log file, CI), where the progress
     bar stays silent; None on a terminal, which has the bar."""
@@ -164,11 +177,14 @@ def _threshold_line(record: dict | None, warn: bool = True) -> str:
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Results folder: metrics.json, scores.csv and report_assets/ (pictures "
                    "for `flawscope report`).")
-@click.option("--pixel-size", default=256, show_default=True,
-              help="Maps and masks are resized to this square size for pixel metrics.")
+@click.option("--pixel-size", default="native", show_default=True, callback=_pixel_size,
+              help="Resolution of pixel metrics: `native` compares each map with its mask at "
+                   "the mask's own size (the official MVTec protocol); a number N resizes "
+                   "both to N x N.")
 @click.option("--batch-size", default=16, show_default=True,
               help="Images scored at once (more is faster up to memory limits).")
-def test(model_dir: Path, data: Path, out: Path, pixel_size: int, batch_size: int) -> None:
+def test(model_dir: Path, data: Path, out: Path, pixel_size: int | None,
+         batch_size: int) -> None:
     """Score a category's test images; write and print metrics and the stored threshold's
     false-alarm and detection rates."""
     from .detector import Detector
@@ -337,10 +353,11 @@ def export_cmd(model_dir: Path, fmt: str, out: Path | None) -> None:
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Override one setting of every model; repeatable. Results already in OUT "
                    "are kept: use a new --out or --force.")
-@click.option("--pixel-size", default=256, show_default=True,
-              help="Resolution of pixel metrics.")
+@click.option("--pixel-size", default="native", show_default=True, callback=_pixel_size,
+              help="Resolution of pixel metrics: `native` (each mask's own size) or N for "
+                   "N x N.")
 def benchmark(data: Path, models: str, categories: str | None, preset: str | None, out: Path,
-              force: bool, settings: tuple[str, ...], pixel_size: int) -> None:
+              force: bool, settings: tuple[str, ...], pixel_size: int | None) -> None:
     """Fit and test every model on every category; resumable, one failure does not stop it.
 
     Writes OUT/results.csv, OUT/results.md and OUT/report.html (rebuild the report later with

@@ -227,7 +227,7 @@ class Detector:
                              colour_range=visualize.display_range(amap, calibration))
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, data: str | Path, pixel_size: int = DEFAULT_PIXEL_SIZE,
+    def evaluate(self, data: str | Path, pixel_size: int | None = DEFAULT_PIXEL_SIZE,
                  batch_size: int = 16, out: str | Path | None = None) -> Evaluation:
         """Score a category's test images; ``.metrics`` holds everything ``flawscope test``
         writes (metrics, the stored threshold's false-alarm and detection rates, timings).
