@@ -2,6 +2,8 @@
 exact resumption after an interruption, training pictures, save/load."""
 
 import csv
+import logging
+import math
 import os
 import signal
 
@@ -175,6 +177,57 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes_mid_epoch(synth_object, tmp_pat
     resumed.fit(data, workdir=tmp_path)
     a, b = weights(straight), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_huge_learning_rate_stops_with_an_error_naming_the_epoch(synth_object):
+    data = ImageDataset(synth_object.train[:8], SIZE)
+    model = small("ae_l2", epochs=2, batches_per_epoch=2, batch_size=4, lr=1e6)
+    with pytest.raises(FlawscopeError, match=r"training ae_l2: training diverged at epoch 1 "
+                                             r"\(loss (nan|inf)\).*after 3 recoveries"):
+        model.fit(data)
+
+
+def test_a_nan_loss_is_recovered_with_a_lower_learning_rate(synth_object, tmp_path, caplog,
+                                                            monkeypatch):
+    data = ImageDataset(synth_object.train[:8], SIZE)
+    model = small("ae_ssim", epochs=3, batches_per_epoch=2, batch_size=4)
+    real_loss, calls = model.loss, {"n": 0}
+
+    def loss_with_one_nan(x, rec):
+        calls["n"] += 1
+        value = real_loss(x, rec)
+        return value * math.nan if calls["n"] == 4 else value  # epoch 2, batch 2
+
+    monkeypatch.setattr(model, "loss", loss_with_one_nan)
+    with caplog.at_level(logging.WARNING, logger="flawscope.trainloop"):
+        model.fit(data, workdir=tmp_path)
+    assert "diverged at epoch 2 (loss nan)" in caplog.text
+    assert calls["n"] == 3 * 2 + 2  # epoch 2 trained twice
+    assert [r["epoch"] for r in model.history] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in model.history)
+    assert all(bool(torch.isfinite(v).all()) for v in weights(model).values())
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["recoveries"] == 1
+    assert saved["optimizers"]["net"]["param_groups"][0]["lr"] == pytest.approx(0.5e-3)
+
+
+def test_a_checkpoint_of_the_earlier_loop_layout_resumes(synth_object, tmp_path):
+    """Checkpoints written before the shared training loop (net / optimizer / loss_sum)."""
+    data = ImageDataset(synth_object.train[:12], SIZE)
+    straight = small("ae_l2", epochs=2, batches_per_epoch=3, batch_size=4)
+    straight.fit(data)
+    first = small("ae_l2", epochs=1, batches_per_epoch=3, batch_size=4)
+    first.fit(data, workdir=tmp_path)
+    new = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    old = {"fingerprint": new["fingerprint"], "epoch": new["epoch"], "batch": 0,
+           "order": None, "loss_sum": 0.0, "history": new["history"], "rng": new["rng"],
+           "net": new["modules"]["net"], "optimizer": new["optimizers"]["net"]}
+    torch.save(old, tmp_path / "checkpoint.pt")
+    resumed = small("ae_l2", epochs=2, batches_per_epoch=3, batch_size=4)
+    resumed.fit(data, workdir=tmp_path)
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.history == straight.history
 
 
 def test_checkpoint_of_other_settings_is_not_resumed(synth_object, tmp_path):

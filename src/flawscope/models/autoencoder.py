@@ -59,14 +59,18 @@ lr 1e-3, random horizontal flip); see the closing notes of issue 3 for seconds p
 ``fast`` (the default): the paper's 128 px network, 256 batches of 16, which trains in
 1-3 minutes on 2 CPU cores: enough for coarse reconstructions, not for fine detail.
 
-**Training** draws every random number (image order, flips) from one generator seeded by
-``seed``; initial weights come from ``seed`` too, so a fit is reproducible (for the same
-thread count). Given a ``workdir`` it checkpoints after every epoch and on Ctrl-C (weights,
-optimizer, RNG and position in the epoch; ``torch.save`` of plain tensors and dicts, loaded
-with ``weights_only=True``), and a new fit with the same settings and images continues from
-there, bit for bit; ``epochs`` and picture settings may change in between, so a finished fit
-can be extended. The workdir also receives ``losses.csv``, ``losses.png`` and
-``reconstructions.png`` (original / reconstruction / anomaly map of a few training images).
+**Training** runs in the shared loop of :mod:`flawscope.trainloop`. It draws every random
+number (image order, flips) from one generator seeded by ``seed``; initial weights come from
+``seed`` too, so a fit is reproducible (for the same thread count). Given a ``workdir`` it
+checkpoints after every epoch and on Ctrl-C, which takes effect at the end of the optimizer
+step in progress (weights, optimizer, RNG and position in the epoch; ``torch.save`` of plain
+tensors and dicts, loaded with ``weights_only=True``), and a new fit with the same settings
+and images continues from there, bit for bit; ``epochs`` and picture settings may change in
+between, so a finished fit can be extended. A diverging loss (non-finite, or an epoch's mean
+over twice its recent low) sends training back to its best epoch at half the learning rate,
+at most three times, then stops with an error naming the epoch. The workdir also receives
+``losses.csv``, ``losses.png`` and ``reconstructions.png`` (original / reconstruction /
+anomaly map of a few training images).
 
 **Memory.** Training images are decoded once and kept as uint8 (3 · S² bytes each: 150 MB
 for 760 images at 256 px); nothing else grows with the dataset. Scoring is per batch.

@@ -26,9 +26,13 @@ WGAN-GP betas (0, 0.9). ``batches_per_epoch`` (0 = one pass over the data, as in
 lets the ``fast`` preset spend the same compute on a 37-image category as on a 700-image one.
 
 All randomness of training (data order, flips, ``z``, gradient-penalty mixing) comes from one
-seeded generator, so a fit is reproducible for a seed (with the same thread count). With a
-``workdir`` each stage checkpoints after every epoch and on Ctrl-C, and a new ``fit`` with the
-same settings and images resumes where it stopped, bit for bit. A fit that only changes
+seeded generator, so a fit is reproducible for a seed (with the same thread count). Both
+stages run in the shared loop of :mod:`flawscope.trainloop`: with a ``workdir`` each stage
+checkpoints after every epoch and on Ctrl-C (which takes effect at the end of the optimizer
+step in progress, the generator's included), and a new ``fit`` with the same settings and
+images resumes where it stopped, bit for bit. A non-finite loss or weight, or in stage 2 an
+epoch whose encoder loss is over twice its recent low, sends the stage back to its best epoch
+at half the learning rate (at most three times, then a clear error). A fit that only changes
 ``kappa`` or ``encoder_lr`` reuses the finished stage 1 and retrains the encoder alone. The
 workdir also receives the pictures of training: generated samples, reconstructions, and loss
 curves (PNG and CSV).
