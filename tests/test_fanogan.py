@@ -147,7 +147,10 @@ def test_new_stage2_settings_reuse_stage1_and_match_a_fresh_fit(synth_object, tm
     assert batches["n"] > per_stage2
 
 
-def test_interrupted_fit_resumes_to_the_same_weights(synth_object, tmp_path, monkeypatch):
+def test_a_fit_stopped_at_once_resumes_from_the_last_epoch(synth_object, tmp_path,
+                                                         monkeypatch):
+    """A KeyboardInterrupt that is not deferred (a second Ctrl-C, or one raised outside the
+    loop's handler) writes nothing: the epoch's checkpoint is what resumes, bit for bit."""
     train = ImageDataset(open_category(synth_object).train[:16], 16)
     plain = FAnoGANModel(FAnoGANConfig(**TINY))
     plain.fit(train, workdir=tmp_path / "plain")
