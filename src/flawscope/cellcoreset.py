@@ -52,6 +52,10 @@ from .kmeans import partition
 _GROUP_ROWS = 16384
 
 
+#: Relative rounding tolerance of a squared distance: 8 float32 epsilons.
+_SAME = 8 * torch.finfo(torch.float32).eps
+
+
 class _Cells:
     """Greedy k-center state of every cell: remaining distances and the additions so far."""
 
@@ -109,8 +113,12 @@ class _Cells:
             chosen_slots.append(torch.where(live, table[rows, pick], -1))
             chosen_radii.append(radius)
             c = xt[rows, :, pick]                                         # (G, d)
+            cc = (c * c).sum(1, keepdim=True)
             d = torch.baddbmm(sq.unsqueeze(1), c.unsqueeze(1), xt, alpha=-2).squeeze(1)
-            d = d.add_((c * c).sum(1, keepdim=True)).clamp_min_(0).sqrt_()
+            # |x|^2 - 2 x.c + |c|^2 in float32 leaves a rounding error of a few epsilons
+            # times |x|^2 + |c|^2 where x == c; below that, the points count as the same
+            # (else copies of a chosen point would come back as new points of radius ~1e-3).
+            d = d.add_(cc).sub_((sq + cc).mul_(_SAME)).clamp_min_(0).sqrt_()
             torch.minimum(dist, d, out=dist)
             dist[rows, pick] = torch.where(live, 0.0, dist[rows, pick])
         self.min_dist[table[valid]] = dist[valid]
