@@ -107,8 +107,8 @@ class PatchCoreModel(AnomalyModel):
         "default": {},
         # Smaller input and bank: about twice the speed, for large parts / coarse defects.
         "fast": {"image_size": 224, "coreset_ratio": 0.01},
-        # The paper's image score; full-precision bank.
-        "paper": {"reweight": True, "bank_dtype": "float32"},
+        # The paper's image score and exact coreset; full-precision bank.
+        "paper": {"reweight": True, "bank_dtype": "float32", "coreset": "exact"},
     }
     default_preset = "default"
 
