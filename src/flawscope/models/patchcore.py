@@ -7,8 +7,13 @@ After Roth et al., "Towards Total Recall in Industrial Anomaly Detection" (CVPR 
    patch features: a patch sees its surroundings, which makes the features robust to small
    shifts), the coarser one is upsampled to the finer one's resolution, and they are
    concatenated: one feature vector per patch position.
-2. Fitting keeps a greedy k-center coreset of all training patches (:mod:`flawscope.coreset`),
-   ``coreset_ratio`` of them: nearly the coverage of the full set at a fraction of the size.
+2. Fitting keeps a greedy k-center coreset of all training patches, ``coreset_ratio`` of
+   them: nearly the coverage of the full set at a fraction of the size. ``coreset="exact"``
+   is the paper's selection (:mod:`flawscope.coreset`), whose time grows with the square of
+   the number of patches; ``coreset="approx"`` runs greedy k-center inside k-means cells on
+   streamed chunks of features (:mod:`flawscope.cellcoreset`): time linear in the number of
+   images, memory one chunk plus the kept patches; ``"auto"`` (default) picks exact up to
+   ``AUTO_EXACT_PATCHES`` training patches and approx above.
 3. A patch's score is the Euclidean distance to its nearest neighbour in the memory bank
    (exact, found by :mod:`flawscope.nnsearch`, which skips most of the bank); the
    image score is the largest patch score (or, with ``reweight``, the paper's re-weighted
@@ -26,8 +31,10 @@ saved model scores exactly like the one in memory.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +43,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..backbones import FeatureExtractor
+from ..cellcoreset import StreamingCoreset
 from ..coreset import greedy_coreset
 from ..errors import FlawscopeError
 from ..nnsearch import ClusteredBank
@@ -46,6 +54,13 @@ from .base import AnomalyModel
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
+_CORESETS = ("auto", "exact", "approx")
+
+#: ``coreset="auto"`` selects exactly up to this many training patches (about 250 images at
+#: 256 px): the exact selection takes about 2 minutes there on 2 cores, and above it the
+#: approximate one is many times faster at the same detection accuracy
+#: (benchmarks/patchcore_scale.py).
+AUTO_EXACT_PATCHES = 250_000
 
 
 @dataclass
@@ -58,6 +73,12 @@ class PatchCoreConfig:
     stages: tuple[int, ...] = (2, 4)
     #: Fraction of all training patches kept in the memory bank.
     coreset_ratio: float = 0.1
+    #: Coreset selection: "exact" (greedy k-center over all patches, Roth et al.; time grows
+    #: with the square of the patch count: 93 s for 190 images, 716 s for 360), "approx"
+    #: (greedy k-center inside k-means cells of streamed chunks, flawscope.cellcoreset; time
+    #: linear in the number of images, memory bounded by a chunk plus the kept patches) or
+    #: "auto" (exact up to AUTO_EXACT_PATCHES patches, approx above).
+    coreset: str = "auto"
     #: Dimension of a random projection used only while selecting the coreset; 0 = select on
     #: the features themselves. The paper projects to save time on wide backbones; at
     #: EfficientNet-Lite's 152 channels projecting to 128 saves only 16% of the coreset's
@@ -86,8 +107,8 @@ class PatchCoreModel(AnomalyModel):
         "default": {},
         # Smaller input and bank: about twice the speed, for large parts / coarse defects.
         "fast": {"image_size": 224, "coreset_ratio": 0.01},
-        # The paper's image score; full-precision bank.
-        "paper": {"reweight": True, "bank_dtype": "float32"},
+        # The paper's image score and exact coreset; full-precision bank.
+        "paper": {"reweight": True, "bank_dtype": "float32", "coreset": "exact"},
     }
     default_preset = "default"
 
@@ -96,6 +117,9 @@ class PatchCoreModel(AnomalyModel):
         if self.config.bank_dtype not in _DTYPES:
             raise FlawscopeError(f"bank_dtype={self.config.bank_dtype!r}: choose "
                                  f"{' or '.join(_DTYPES)}")
+        if self.config.coreset not in _CORESETS:
+            raise FlawscopeError(f"coreset={self.config.coreset!r}: choose "
+                                 f"{', '.join(_CORESETS)}")
         if not 0 < self.config.coreset_ratio <= 1:
             raise FlawscopeError(f"coreset_ratio={self.config.coreset_ratio}: must be in (0, 1]")
         if len(self.config.stages) < 1:
@@ -128,24 +152,46 @@ class PatchCoreModel(AnomalyModel):
         if len(images) == 0:
             raise FlawscopeError("patchcore needs at least one training image")
         loader = torch.utils.data.DataLoader(images, batch_size=self.config.batch_size)
+        batches = (self.embed(batch) for batch in tqdm(loader, desc="features", leave=False,
+                                                        disable=None))
+        first = next(batches)
+        n_patches = len(images) * first.shape[2] * first.shape[3]
+        method = self.config.coreset
+        if method == "auto":
+            method = "exact" if n_patches <= AUTO_EXACT_PATCHES else "approx"
+        log.info("selecting %s of %d patches (%s coreset)", self.config.coreset_ratio,
+                 n_patches, method)
+        fit_bank = self._exact_bank if method == "exact" else self._approx_bank
+        bank = fit_bank(itertools.chain([first], batches), n_patches)
+        self._set_bank(bank.to(_DTYPES[self.config.bank_dtype]).contiguous())
+
+    @staticmethod
+    def _rows(emb: torch.Tensor) -> torch.Tensor:
+        return emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+
+    def _exact_bank(self, batches: Iterator[torch.Tensor], n_patches: int) -> torch.Tensor:
         bank: torch.Tensor | None = None
         filled = 0
-        for batch in tqdm(loader, desc="features", leave=False, disable=None):
-            emb = self.embed(batch)
-            rows = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+        for emb in batches:
+            rows = self._rows(emb)
             if bank is None:  # one preallocated matrix: no list of batches plus a copy
-                per_image = rows.shape[0] // emb.shape[0]
-                bank = torch.empty(len(images) * per_image, rows.shape[1])
+                bank = torch.empty(n_patches, rows.shape[1])
             bank[filled:filled + len(rows)] = rows
             filled += len(rows)
         assert bank is not None and filled == len(bank)
         n_select = max(1, math.ceil(self.config.coreset_ratio * len(bank)))
-        log.info("selecting %d of %d patches", n_select, len(bank))
         if n_select < len(bank):
             chosen = greedy_coreset(bank, n_select, self.config.projection_dim,
                                     seed=int(self.config.seed))
             bank = bank[chosen]
-        self._set_bank(bank.to(_DTYPES[self.config.bank_dtype]).contiguous())
+        return bank
+
+    def _approx_bank(self, batches: Iterator[torch.Tensor], n_patches: int) -> torch.Tensor:
+        stream = StreamingCoreset(self.config.coreset_ratio, seed=int(self.config.seed),
+                                  projection_dim=self.config.projection_dim or None)
+        for emb in batches:
+            stream.add(self._rows(emb))
+        return stream.result()
 
     def _set_bank(self, bank: torch.Tensor) -> None:
         self.memory_bank = bank
