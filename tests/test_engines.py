@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from flawscope.data import ImageDataset, open_category
-from flawscope.engines import EngineError, OnnxRuntimeEngine, TorchEngine, open_engine
+from flawscope.engines import (
+    EngineError,
+    OnnxRuntimeEngine,
+    TorchEngine,
+    open_engine,
+    openvino_available,
+)
 from flawscope.export import TOLERANCE, export_model_dir
 from flawscope.modelfile import load_model, read_manifest, save_model, update_manifest
 from flawscope.pipeline import fit_model
@@ -52,13 +58,29 @@ def test_onnxruntime_engine_gives_the_same_scores_and_decisions(patchcore_dir, s
     assert s1[torch.from_numpy(labels)].mean() > s1[~torch.from_numpy(labels)].mean()
 
 
+@pytest.mark.skipif(not openvino_available(), reason="OpenVINO not installed")
+def test_openvino_engine_gives_the_same_scores_and_decisions(patchcore_dir, synth_root):
+    model, manifest = load_model(patchcore_dir)
+    images, _ = _test_images(synth_root, model.image_size)
+    (s1, m1), (s2, m2) = open_engine(model, patchcore_dir, "torch")(images), open_engine(
+        model, patchcore_dir, "openvino", threads=1)(images)
+    # Same 1e-4 bound as onnxruntime: only the order of float32 sums differs.
+    assert torch.allclose(s2, s1, rtol=TOLERANCE, atol=0)
+    assert (m1 - m2).abs().max() <= TOLERANCE * m1.abs().max()
+    threshold = manifest["threshold"]["value"]
+    assert torch.equal(s1 > threshold, s2 > threshold)
+
+
 def test_export_records_parity_and_speed_in_the_manifest(patchcore_dir):
     entry = read_manifest(patchcore_dir)["exports"]["onnx"]
     assert entry["file"] == "model.onnx" and entry["parity_ok"] is True
     assert max(entry["score_rel_err"], entry["map_rel_err"]) <= TOLERANCE
     assert entry["weights_sha256"] == read_manifest(patchcore_dir)["weights_sha256"]
-    assert set(entry["img_per_s"]) == {"torch", "onnxruntime"}
+    engines = {"torch", "onnxruntime"} | ({"openvino"} if openvino_available() else set())
+    assert set(entry["img_per_s"]) == engines
     assert all(v > 0 for v in entry["img_per_s"].values())
+    if openvino_available():
+        assert entry["openvino"]["parity_ok"] is True
 
 
 def test_auto_takes_the_faster_recorded_engine(patchcore_dir, tmp_path):
@@ -68,10 +90,18 @@ def test_auto_takes_the_faster_recorded_engine(patchcore_dir, tmp_path):
     shutil.copytree(patchcore_dir, work)
     model, manifest = load_model(work)
     exports = manifest["exports"]
+    exports["onnx"]["img_per_s"].pop("openvino", None)
     for torch_speed, expected in ((1.0, OnnxRuntimeEngine), (1e9, TorchEngine)):
         exports["onnx"]["img_per_s"]["torch"] = torch_speed
         update_manifest(work, exports=exports)
         assert isinstance(open_engine(model, work), expected)
+    if openvino_available():  # recorded faster than onnxruntime and checked: auto takes it
+        exports["onnx"]["img_per_s"] = {"torch": 1.0, "onnxruntime": 2.0, "openvino": 3.0}
+        update_manifest(work, exports=exports)
+        assert open_engine(model, work).name == "openvino"
+        exports["onnx"]["openvino"]["parity_ok"] = False
+        update_manifest(work, exports=exports)
+        assert open_engine(model, work).name == "onnxruntime"
     # Without a model directory only PyTorch can run.
     assert isinstance(open_engine(model, None), TorchEngine)
     with pytest.raises(EngineError, match="directory"):

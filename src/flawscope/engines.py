@@ -1,11 +1,12 @@
-"""Inference engines: who runs a fitted model's scoring graph (eager PyTorch or onnxruntime).
+"""Inference engines: who runs a fitted model's scoring graph (PyTorch, onnxruntime, OpenVINO).
 
 Every engine takes what :meth:`AnomalyModel.score_batch` takes and returns what it returns:
 ``(B, 3, S, S)`` float32 images in [0, 1] -> ``(scores (B,), maps (B, h, w))``. Resizing the
 images before and the maps after is the caller's job, done once for every engine, and the
 model's normalization and map post-processing are inside the exported graph (the very torch
 code ``score_batch`` runs), so an engine can change speed, never a decision: the export is
-refused unless onnxruntime reproduces PyTorch within :data:`flawscope.export.TOLERANCE`.
+refused unless onnxruntime reproduces PyTorch within :data:`flawscope.export.TOLERANCE`
+(and OpenVINO, when installed, is checked the same way before ``auto`` may pick it).
 
 >>> model, manifest = load_model("runs/screw")             # doctest: +SKIP
 >>> engine = open_engine(model, Path("runs/screw"))         # doctest: +SKIP
@@ -22,6 +23,7 @@ explicit ``onnxruntime`` is refused with the command that re-exports.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,7 +36,9 @@ from .models import AnomalyModel
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "torch", "onnxruntime")
+ENGINES = ("auto", "torch", "onnxruntime", "openvino")
+#: Engines that run the exported file.
+FILE_ENGINES = ("onnxruntime", "openvino")
 
 
 class EngineError(FlawscopeError):
@@ -85,6 +89,50 @@ class OnnxRuntimeEngine:
         return torch.from_numpy(scores), torch.from_numpy(maps)
 
 
+class OpenVinoEngine:
+    """OpenVINO's CPU runtime on the same exported file (optional: ``pip install
+    flawscope[openvino]``), at float32 precision (OpenVINO would otherwise pick bf16 on CPUs
+    that have it, which the parity check did not cover). One inference request, used by one
+    caller at a time."""
+
+    name = "openvino"
+
+    def __init__(self, path: str | Path, image_size: int, threads: int | None = None):
+        try:
+            import openvino as ov
+        except ImportError:
+            raise EngineError("the openvino engine needs OpenVINO: pip install "
+                              "'flawscope[openvino]'") from None
+        self.path = Path(path)
+        self.image_size = image_size
+        self.threads = threads or torch.get_num_threads()
+        self.compiled = ov.Core().compile_model(str(self.path), "CPU", openvino_config(
+            self.threads))
+        self.request = self.compiled.create_infer_request()
+        self._lock = threading.Lock()
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_images(images, self.image_size, self.name)
+        with self._lock:
+            out = self.request.infer({"images": images.float().contiguous().numpy()})
+            scores, maps = (out[self.compiled.output(k)] for k in ("scores", "maps"))
+            return torch.from_numpy(scores.copy()), torch.from_numpy(maps.copy())
+
+
+def openvino_config(threads: int) -> dict[str, Any]:
+    """OpenVINO CPU settings: ``threads`` threads, float32, latency (one stream)."""
+    return {"INFERENCE_NUM_THREADS": int(threads), "INFERENCE_PRECISION_HINT": "f32",
+            "PERFORMANCE_HINT": "LATENCY"}
+
+
+def openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _check_images(images: torch.Tensor, size: int, engine: str) -> None:
     if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (size, size):
         raise EngineError(f"{engine} engine: expected images of shape (B, 3, {size}, {size}), "
@@ -124,9 +172,9 @@ def recorded_speeds(manifest: dict[str, Any]) -> dict[str, float]:
 
 def open_engine(model: AnomalyModel, model_dir: Path | None, name: str = "auto",
                 threads: int | None = None, warm_up: bool = True) -> Engine:
-    """The engine ``name`` (``auto``, ``torch`` or ``onnxruntime``) for ``model``, which was
-    loaded from ``model_dir`` (None: a model only in memory, which only ``torch`` and
-    ``auto`` can run).
+    """The engine ``name`` (``auto``, ``torch``, ``onnxruntime``, ``openvino``) for
+    ``model``, which was loaded from ``model_dir`` (None: a model only in memory, which
+    only ``torch`` and ``auto`` can run).
 
     ``warm_up`` scores one blank image before returning, so that one-time work is paid here
     and not by the first real batch: PatchCore and PaDiM build their backbone on first use
@@ -153,11 +201,15 @@ def _open_engine(model: AnomalyModel, model_dir: Path | None, name: str,
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
     path, why = onnx_export_status(model_dir, manifest)
-    if name == "onnxruntime":
+    if name in FILE_ENGINES:
         if path is None:
-            raise EngineError(f"cannot use the onnxruntime engine: {why}; run "
+            raise EngineError(f"cannot use the {name} engine: {why}; run "
                               f"`flawscope export {model_dir}` (or use --engine torch)")
-        return OnnxRuntimeEngine(path, model.image_size, threads)
+        if name == "openvino" and "exports" in manifest and not _openvino_parity_ok(manifest):
+            raise EngineError(f"cannot use the openvino engine: the export of {model_dir} "
+                              "was not checked with OpenVINO (install it, then run "
+                              f"`flawscope export {model_dir}` again)")
+        return _FILE_ENGINE[name](path, model.image_size, threads)
     # auto
     if path is None:
         if "no ONNX export" not in why:
@@ -165,6 +217,19 @@ def _open_engine(model: AnomalyModel, model_dir: Path | None, name: str,
                         "re-export)", why, model_dir)
         return TorchEngine(model)
     speeds = recorded_speeds(manifest)
-    if speeds.get("onnxruntime", 0.0) > speeds.get("torch", float("inf")):
-        return OnnxRuntimeEngine(path, model.image_size, threads)
-    return TorchEngine(model)
+    usable = {"torch": speeds.get("torch", float("inf")),
+              "onnxruntime": speeds.get("onnxruntime", 0.0)}
+    if openvino_available() and _openvino_parity_ok(manifest):
+        usable["openvino"] = speeds.get("openvino", 0.0)
+    best = max(usable, key=usable.get)
+    if best == "torch":
+        return TorchEngine(model)
+    return _FILE_ENGINE[best](path, model.image_size, threads)
+
+
+def _openvino_parity_ok(manifest: dict[str, Any]) -> bool:
+    entry = (manifest.get("exports") or {}).get("onnx") or {}
+    return bool((entry.get("openvino") or {}).get("parity_ok"))
+
+
+_FILE_ENGINE = {"onnxruntime": OnnxRuntimeEngine, "openvino": OpenVinoEngine}

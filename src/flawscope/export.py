@@ -191,9 +191,11 @@ def images_per_s(fn, batch: torch.Tensor | np.ndarray, min_s: float, min_runs: i
 
 
 def measure_speeds(model: AnomalyModel, path: str | Path, threads: int | None = None,
-                   batch_size: int = SPEED_BATCH, min_s: float = 1.0) -> dict[str, float]:
-    """Warm images/s of PyTorch (``score_batch``) and of onnxruntime on the file at ``path``,
-    on the same random batch, with ``threads`` threads each (default: PyTorch's setting)."""
+                   batch_size: int = SPEED_BATCH, min_s: float = 1.0,
+                   openvino: bool = False) -> dict[str, float]:
+    """Warm images/s of PyTorch (``score_batch``) and of onnxruntime (and OpenVINO) on the
+    file at ``path``, on the same random batch, with ``threads`` threads each (default:
+    PyTorch's setting)."""
     threads = threads or torch.get_num_threads()
     size = model.image_size
     batch = torch.rand(batch_size, 3, size, size, generator=torch.Generator().manual_seed(1))
@@ -207,15 +209,41 @@ def measure_speeds(model: AnomalyModel, path: str | Path, threads: int | None = 
     session = onnx_session(path, threads)
     arrays = batch.numpy()
     ort = images_per_s(lambda x: session.run(None, {"images": x}), arrays, min_s)
-    return {"torch": round(eager, 2), "onnxruntime": round(ort, 2)}
+    speeds = {"torch": round(eager, 2), "onnxruntime": round(ort, 2)}
+    if openvino:
+        from .engines import OpenVinoEngine
+
+        engine = OpenVinoEngine(path, size, threads)
+        speeds["openvino"] = round(images_per_s(engine, batch, min_s), 2)
+    return speeds
+
+
+def check_openvino(model: AnomalyModel, path: str | Path,
+                   check_images: torch.Tensor | None = None) -> dict[str, Any]:
+    """OpenVINO's outputs on the exported file against PyTorch's, like the export's own
+    check: ``{"score_rel_err", "map_rel_err", "parity_ok", "version"}``."""
+    import openvino
+
+    from .engines import OpenVinoEngine
+
+    if check_images is None:
+        size = model.image_size
+        check_images = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    scores, maps = OpenVinoEngine(path, model.image_size)(check_images)
+    score_err, map_err = compare((scores.numpy(), maps.numpy()),
+                                 torch_outputs(scoring_module(model), check_images))
+    return {"score_rel_err": score_err, "map_rel_err": map_err,
+            "parity_ok": max(score_err, map_err) <= TOLERANCE,
+            "version": openvino.__version__}
 
 
 def export_model_dir(model_dir: str | Path, out: str | Path | None = None,
                      check_images: torch.Tensor | None = None, measure_s: float = 1.0,
                      threads: int | None = None) -> ExportReport:
     """Export the model saved in ``model_dir`` (to ``model_dir/model.onnx`` by default),
-    check it, time both engines (warm, at least ``measure_s`` seconds each; 0 = no timing)
-    and record it all in the manifest's ``exports.onnx``.
+    check it, time the engines (warm, at least ``measure_s`` seconds each; 0 = no timing)
+    and record it all in the manifest's ``exports.onnx``. Where OpenVINO is installed the
+    file is checked and timed with it too (``exports.onnx.openvino``).
 
     >>> report = export_model_dir("runs/screw")          # doctest: +SKIP
     >>> read_manifest("runs/screw")["exports"]["onnx"]["img_per_s"]  # doctest: +SKIP
@@ -242,8 +270,15 @@ def export_model_dir(model_dir: str | Path, out: str | Path | None = None,
         "onnxruntime_version": onnxruntime.__version__,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    from .engines import openvino_available
+
+    with_openvino = openvino_available()
+    if with_openvino:
+        entry["openvino"] = check_openvino(model, path, check_images)
+        with_openvino = entry["openvino"]["parity_ok"]
     if measure_s > 0:
-        entry["img_per_s"] = measure_speeds(model, path, threads, min_s=measure_s)
+        entry["img_per_s"] = measure_speeds(model, path, threads, min_s=measure_s,
+                                            openvino=with_openvino)
         entry["speed"] = {"batch": SPEED_BATCH, "threads": threads, "cpu": cpu_name()}
     exports = dict(manifest.get("exports") or {})
     exports["onnx"] = entry
