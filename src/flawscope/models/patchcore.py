@@ -15,7 +15,9 @@ After Roth et al., "Towards Total Recall in Industrial Anomaly Detection" (CVPR 
    images, memory one chunk plus the kept patches; ``"auto"`` (default) picks exact up to
    ``AUTO_EXACT_PATCHES`` training patches and approx above.
 3. A patch's score is the Euclidean distance to its nearest neighbour in the memory bank
-   (exact, found by :mod:`flawscope.nnsearch`, which skips most of the bank); the
+   (exact, found by :mod:`flawscope.nnsearch`, which skips most of the bank; the exported
+   graph of :meth:`PatchCoreModel.onnx_module` computes the same distances by brute force
+   over blocks of the bank, a fixed graph for any batch size); the
    image score is the largest patch score (or, with ``reweight``, the paper's re-weighted
    version of it, which discounts a patch whose nearest neighbour sits in a dense region of
    the bank); the map is upsampled to the image and smoothed with a Gaussian of ``sigma``.
@@ -46,7 +48,7 @@ from ..backbones import FeatureExtractor
 from ..cellcoreset import StreamingCoreset
 from ..coreset import greedy_coreset
 from ..errors import FlawscopeError
-from ..nnsearch import ClusteredBank
+from ..nnsearch import ClusteredBank, blocked_nearest_distances, nearest_indices
 from . import register
 from ._maps import upsample_and_smooth
 from .base import AnomalyModel
@@ -139,13 +141,7 @@ class PatchCoreModel(AnomalyModel):
     @torch.inference_mode()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, S, S)`` -> locally aware patch features ``(B, C, h, w)``."""
-        features = self.extractor(images)
-        features = [F.avg_pool2d(f, 3, stride=1, padding=1) for f in features]
-        size = features[0].shape[-2:]
-        features = [f if f.shape[-2:] == size else
-                    F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-                    for f in features]
-        return torch.cat(features, 1)
+        return patch_features(self.extractor, images)
 
     # ----------------------------------------------------------------- fitting
     def fit(self, images: torch.utils.data.Dataset, workdir: Path | None = None) -> None:
@@ -203,31 +199,19 @@ class PatchCoreModel(AnomalyModel):
         if self._search is None:
             raise FlawscopeError("patchcore model is not fitted")
         emb = self.embed(images)
-        b, c, h, w = emb.shape
+        c, h, w = emb.shape[1:]
         queries = emb.permute(0, 2, 3, 1).reshape(-1, c)
-        patch = self._search.search(queries).view(b, h * w)
-        if self.config.reweight and len(self.memory_bank) > 1:
-            scores = self._reweighted(patch, queries.view(b, h * w, c))
-        else:
-            scores = patch.amax(1)
-        maps = upsample_and_smooth(patch.view(b, h, w), self.image_size, self.config.sigma)
-        return scores, maps
+        patch = self._search.search(queries).view(-1, h * w)
+        return scores_and_maps(patch, queries.view(-1, h * w, c), (h, w), self._search.bank,
+                               self._search.bank_sq, self.config)
 
-    def _reweighted(self, patch: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """Eq. 7 of the paper: s * (1 - softmax of the distances from the worst patch to the
-        ``num_neighbors`` bank neighbours of its nearest neighbour)[0]."""
-        bank, bank_sq = self._search.bank, self._search.bank_sq
-        rows = torch.arange(len(patch))
-        worst = patch.argmax(1)
-        score = patch[rows, worst]
-        feats = queries[rows, worst]                                  # (B, C)
-        nearest = bank[self._search.nearest_index(feats)]
-        k = min(self.config.num_neighbors, len(bank))
-        d2 = torch.addmm(bank_sq, nearest, bank.T, alpha=-2)
-        support = d2.topk(k, dim=1, largest=False).indices           # includes the neighbour
-        dist = (bank[support] - feats[:, None]).pow(2).sum(-1).sqrt()  # (B, k)
-        weight = 1 - torch.softmax(dist, 1)[:, 0]
-        return weight * score
+    def onnx_module(self) -> PatchCoreScorer:
+        """The scoring as one fixed graph for export: same features, same score and map
+        code as :meth:`score_batch`, the neighbour search done by brute force over blocks of
+        the bank (the bank a constant of the graph)."""
+        if self._search is None:
+            raise FlawscopeError("patchcore model is not fitted")
+        return PatchCoreScorer(self)
 
     # ----------------------------------------------------------------- state
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -239,3 +223,77 @@ class PatchCoreModel(AnomalyModel):
         if "memory_bank" not in tensors:
             raise FlawscopeError("patchcore model file has no memory_bank tensor")
         self._set_bank(tensors["memory_bank"].to(_DTYPES[self.config.bank_dtype]))
+
+
+def patch_features(extractor: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, S, S)`` -> locally aware patch features ``(B, C, h, w)``: each group's map
+    averaged over 3 x 3 neighbourhoods, brought to the finest map's size, concatenated."""
+    features = extractor(images)
+    features = [F.avg_pool2d(f, 3, stride=1, padding=1) for f in features]
+    size = features[0].shape[-2:]
+    features = [f if f.shape[-2:] == size else
+                F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+                for f in features]
+    return torch.cat(features, 1)
+
+
+def scores_and_maps(patch: torch.Tensor, queries: torch.Tensor, grid: tuple[int, int],
+                    bank: torch.Tensor, bank_sq: torch.Tensor,
+                    config: PatchCoreConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch distances ``(B, h*w)`` -> image scores ``(B,)`` and maps ``(B, S, S)``.
+
+    The one place where both the eager scoring and the exported graph turn distances into
+    decisions, so the two can only differ by float rounding. ``queries`` ``(B, h*w, C)`` and
+    the float32 ``bank`` (with its squared norms) serve the re-weighted score.
+    """
+    if config.reweight and len(bank) > 1:
+        scores = reweighted(patch, queries, bank, bank_sq, config.num_neighbors)
+    else:
+        scores = patch.amax(1)
+    maps = upsample_and_smooth(patch.view(-1, *grid), int(config.image_size), config.sigma)
+    return scores, maps
+
+
+def reweighted(patch: torch.Tensor, queries: torch.Tensor, bank: torch.Tensor,
+               bank_sq: torch.Tensor, num_neighbors: int) -> torch.Tensor:
+    """Eq. 7 of the paper: s * (1 - softmax of the distances from the worst patch to the
+    ``num_neighbors`` bank neighbours of its nearest neighbour)[0].
+
+    Written with gathers (no Python indexing by the batch size) so that it traces into a graph
+    that holds for any batch size.
+    """
+    worst = patch.argmax(1, keepdim=True)                              # (B, 1)
+    score = patch.gather(1, worst)[:, 0]
+    c = queries.shape[-1]
+    feats = queries.gather(1, worst[:, :, None].expand(-1, 1, c))[:, 0]  # (B, C)
+    nearest = bank.index_select(0, nearest_indices(feats, bank, bank_sq))
+    k = min(num_neighbors, len(bank))
+    d2 = torch.addmm(bank_sq, nearest, bank.T, alpha=-2)
+    support = d2.topk(k, dim=1, largest=False).indices                # includes the neighbour
+    dist = (bank[support] - feats[:, None]).pow(2).sum(-1).sqrt()       # (B, k)
+    weight = 1 - torch.softmax(dist, 1)[:, 0]
+    return weight * score
+
+
+class PatchCoreScorer(torch.nn.Module):
+    """PatchCore's scoring as a fixed graph: the model's own backbone and post-processing
+    (:func:`patch_features`, :func:`scores_and_maps`), the exact nearest-neighbour distance by
+    :func:`flawscope.nnsearch.blocked_nearest_distances` (brute force: the clustered pruning
+    depends on the data and stays in PyTorch). The memory bank is a float32 buffer, a constant
+    of the exported file."""
+
+    def __init__(self, model: PatchCoreModel):
+        super().__init__()
+        self.extractor = model.extractor
+        self.config = model.config
+        self.register_buffer("bank", model._search.bank.float().contiguous())
+        self.register_buffer("bank_sq", model._search.bank_sq.float().contiguous())
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = patch_features(self.extractor, images)
+        c, h, w = emb.shape[1:]
+        queries = emb.permute(0, 2, 3, 1).reshape(-1, c)
+        patch = blocked_nearest_distances(queries, self.bank, self.bank_sq).view(-1, h * w)
+        scores, maps = scores_and_maps(patch, queries.view(-1, h * w, c), (h, w), self.bank,
+                                       self.bank_sq, self.config)
+        return scores.float().reshape(-1), maps.float()
