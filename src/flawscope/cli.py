@@ -58,6 +58,14 @@ def _pixel_size(_ctx, _param, value) -> int | None:
     return size
 
 
+def _engine_option(command):
+    return click.option(
+        "--engine", type=click.Choice(["auto", "torch", "onnxruntime", "openvino"]),
+        default="auto", show_default=True,
+        help="What runs the scoring graph: auto takes the fastest engine `flawscope export` "
+             "measured and checked against PyTorch, else torch.")(command)
+
+
 def _progress_lines():
     """Per-step lines on stderr when it is not a terminal (a log file, CI), where the progress
     bar stays silent; None on a terminal, which has the bar."""
@@ -183,13 +191,14 @@ def _threshold_line(record: dict | None, warn: bool = True) -> str:
                    "both to N x N.")
 @click.option("--batch-size", default=16, show_default=True,
               help="Images scored at once (more is faster up to memory limits).")
+@_engine_option
 def test(model_dir: Path, data: Path, out: Path, pixel_size: int | None,
-         batch_size: int) -> None:
+         batch_size: int, engine: str) -> None:
     """Score a category's test images; write and print metrics and the stored threshold's
     false-alarm and detection rates."""
     from .detector import Detector
 
-    detector = Detector.load(model_dir)
+    detector = Detector.load(model_dir, engine)
     evaluation = detector.evaluate(data, pixel_size=pixel_size, batch_size=batch_size, out=out)
     click.echo(_metrics_table(evaluation.metrics))
     click.echo(f"wrote {out / 'metrics.json'}")
@@ -235,9 +244,10 @@ def _metrics_table(m: dict) -> str:
 @click.option("--save-maps", type=click.Choice(["npy", "tiff"]), default=None,
               help="Also write the raw anomaly map (float32, at the image's size) per image.")
 @click.option("--batch-size", default=8, show_default=True, help="Images scored at once.")
+@_engine_option
 def predict(model_dir: Path, inputs: tuple[Path, ...], out: Path, recursive: bool,
             on_error: str, heatmaps: bool, annotate: bool, save_maps: str | None,
-            batch_size: int) -> None:
+            batch_size: int, engine: str) -> None:
     """Score new images (files or folders) and write their heat maps.
 
     Prints one line per image and writes OUT/predictions.jsonl (one JSON record per input,
@@ -252,7 +262,7 @@ def predict(model_dir: Path, inputs: tuple[Path, ...], out: Path, recursive: boo
     from .detector import Detector
     from .predict_files import PredictionWriter, collect_inputs
 
-    detector = Detector.load(model_dir)
+    detector = Detector.load(model_dir, engine)
     if detector.threshold is None:
         click.echo("warning: this model has no decision threshold; every image is reported as "
                    "undecided (set one with `flawscope threshold`)", err=True)
@@ -326,16 +336,19 @@ def threshold_cmd(model_dir: Path, method: str | None, max_false_alarm: float,
 def export_cmd(model_dir: Path, fmt: str, out: Path | None) -> None:
     """Export a fitted model's scoring graph (images [B,3,S,S] in [0,1] -> scores, maps).
 
-    The file is checked with onnxruntime against PyTorch before it is written.
+    The file is checked with onnxruntime (and OpenVINO where installed) against PyTorch
+    before it is written; both engines are timed and the result recorded in the manifest, so
+    `--engine auto` of predict, test and serve can take the fastest checked one.
     """
-    from .export import export_onnx
-    from .modelfile import load_model
+    from .export import export_model_dir
 
-    model, manifest = load_model(model_dir)
-    report = export_onnx(model, out or model_dir / "model.onnx", manifest)
+    report = export_model_dir(model_dir, out)
     click.echo(f"wrote {report.path} ({report.size_bytes / 1e6:.1f} MB); onnxruntime vs "
                f"PyTorch relative error: scores {report.score_rel_err:.1e}, "
                f"maps {report.map_rel_err:.1e}")
+    if report.img_per_s:
+        click.echo("images/s: " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                            report.img_per_s.items()))
 
 
 @cli.command()
@@ -414,9 +427,10 @@ def demo(out: Path, model_name: str, force: bool) -> None:
 @click.option("--min-side", default=None, type=int,
               help="Images whose shorter side is smaller are refused with 422 [default: 32].")
 @click.option("--access-log", is_flag=True, help="Log every request.")
+@_engine_option
 def serve_cmd(model_dir: Path, host: str, port: int, workers: int, max_batch: int,
               batch_window_ms: float, max_upload_mb: float, max_pixels: int | None,
-              min_side: int | None, access_log: bool) -> None:
+              min_side: int | None, access_log: bool, engine: str) -> None:
     """Serve a model over HTTP: POST /predict (multipart field `file`, ?heatmap=true), GET
     /health. Answers JSON with score, normalized_score, is_anomalous and latency_ms."""
     from .serve import serve
@@ -424,7 +438,8 @@ def serve_cmd(model_dir: Path, host: str, port: int, workers: int, max_batch: in
     limits = {k: v for k, v in (("max_pixels", max_pixels), ("min_side", min_side))
               if v is not None}
     serve(model_dir, host, port, access_log=access_log, max_upload_mb=max_upload_mb,
-          workers=workers, max_batch=max_batch, batch_window_ms=batch_window_ms, **limits)
+          workers=workers, max_batch=max_batch, batch_window_ms=batch_window_ms,
+          engine=engine, **limits)
 
 
 @cli.command("report")

@@ -160,18 +160,18 @@ class Predictor:
     def __init__(self, model_dir: str | Path, workers: int = DEFAULT_WORKERS,
                  max_pixels: int = DEFAULT_MAX_PIXELS, torch_threads: int | None = None,
                  min_side: int = MIN_SIDE, max_batch: int = DEFAULT_MAX_BATCH,
-                 batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS):
+                 batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS, engine: str = "auto"):
         import torch
 
         from .detector import Detector
 
-        self.detector = Detector.load(model_dir)
+        threads = torch_threads or max(1, (os.cpu_count() or 1) // max(1, int(workers)))
+        torch.set_num_threads(threads)
+        self.detector = Detector.load(model_dir, engine)
         self.detector.max_pixels, self.detector.min_side = max_pixels, min_side
         self.workers = max(1, int(workers))
         self.max_pixels = max_pixels
         self.min_side = min_side
-        threads = torch_threads or max(1, (os.cpu_count() or 1) // self.workers)
-        torch.set_num_threads(threads)
         # Enough decoding threads that concurrent uploads reach the batcher together.
         self.pool = ThreadPoolExecutor(max(4 * (os.cpu_count() or 1), max_batch),
                                        thread_name_prefix="flawscope-io")
@@ -207,6 +207,7 @@ class Predictor:
         return {"status": "ok", "model": self.detector.name,
                 "image_size": self.detector.model.image_size,
                 "threshold": self.detector.threshold, "workers": self.workers,
+                "engine": self.detector.engine_name,
                 "warmup_ms": self.warmup_ms, "requests_scored": self.batcher.requests,
                 "batches": self.batcher.batches}
 
@@ -273,11 +274,11 @@ def create_app(model_dir: str | Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_
                max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = DEFAULT_WORKERS,
                torch_threads: int | None = None, min_side: int = MIN_SIDE,
                max_batch: int = DEFAULT_MAX_BATCH,
-               batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS):
+               batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS, engine: str = "auto"):
     """The ASGI application serving the model in ``model_dir`` (loaded and warmed up before
     this returns)."""
     predictor = Predictor(model_dir, workers, max_pixels, torch_threads, min_side, max_batch,
-                          batch_window_ms)
+                          batch_window_ms, engine)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
