@@ -91,7 +91,7 @@ class OnnxRuntimeEngine:
 
 class OpenVinoEngine:
     """OpenVINO's CPU runtime on the same exported file (optional: ``pip install
-    flawscope[openvino]``), at float32 precision (OpenVINO would otherwise pick bf16 on CPUs
+    openvino``), at float32 precision (OpenVINO would otherwise pick bf16 on CPUs
     that have it, which the parity check did not cover). One inference request, used by one
     caller at a time."""
 
@@ -102,7 +102,7 @@ class OpenVinoEngine:
             import openvino as ov
         except ImportError:
             raise EngineError("the openvino engine needs OpenVINO: pip install "
-                              "'flawscope[openvino]'") from None
+                              "openvino") from None
         self.path = Path(path)
         self.image_size = image_size
         self.threads = threads or torch.get_num_threads()
