@@ -147,10 +147,7 @@ def test_every_model_exports_and_matches_pytorch(name, synth_root, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
-    reason="ssim.py's float32 variances (E[x^2] - mu^2) cancel on the screw's flat background: "
-           "maps differ by 2.6e-4 of their maximum between onnxruntime and PyTorch (AMD EPYC)"))
-    if n == "ae_ssim" else n for n in sorted(TINY)])
+@pytest.mark.parametrize("name", sorted(TINY))
 def test_every_model_matches_pytorch_on_real_images(name, tmp_path):
     _export_and_check(name, shared_category("mvtec_ad", "screw"), tmp_path)
 
