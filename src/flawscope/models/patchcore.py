@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -38,7 +39,7 @@ from tqdm import tqdm
 from ..backbones import FeatureExtractor
 from ..coreset import greedy_coreset
 from ..errors import FlawscopeError
-from ..nnsearch import ClusteredBank
+from ..nnsearch import ClusteredBank, nearest_distances, nearest_indices
 from . import register
 from ._maps import upsample_and_smooth
 from .base import AnomalyModel
@@ -103,6 +104,9 @@ class PatchCoreModel(AnomalyModel):
         self._extractor: FeatureExtractor | None = None
         self.memory_bank: torch.Tensor | None = None
         self._search: ClusteredBank | None = None
+        #: Index (in the fitted dataset) of the image each bank row came from; None for models
+        #: saved before it was recorded (they score as before, without leave-one-out).
+        self.bank_source: torch.Tensor | None = None
 
     # ----------------------------------------------------------------- features
     @property
@@ -141,11 +145,13 @@ class PatchCoreModel(AnomalyModel):
         assert bank is not None and filled == len(bank)
         n_select = max(1, math.ceil(self.config.coreset_ratio * len(bank)))
         log.info("selecting %d of %d patches", n_select, len(bank))
+        source = torch.arange(len(bank)) // per_image
         if n_select < len(bank):
             chosen = greedy_coreset(bank, n_select, self.config.projection_dim,
                                     seed=int(self.config.seed))
-            bank = bank[chosen]
+            bank, source = bank[chosen], source[chosen]
         self._set_bank(bank.to(_DTYPES[self.config.bank_dtype]).contiguous())
+        self.bank_source = source.to(torch.int32)
 
     def _set_bank(self, bank: torch.Tensor) -> None:
         self.memory_bank = bank
@@ -167,15 +173,18 @@ class PatchCoreModel(AnomalyModel):
         maps = upsample_and_smooth(patch.view(b, h, w), self.image_size, self.config.sigma)
         return scores, maps
 
-    def _reweighted(self, patch: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    def _reweighted(self, patch: torch.Tensor, queries: torch.Tensor,
+                    bank_sq: torch.Tensor | None = None) -> torch.Tensor:
         """Eq. 7 of the paper: s * (1 - softmax of the distances from the worst patch to the
-        ``num_neighbors`` bank neighbours of its nearest neighbour)[0]."""
-        bank, bank_sq = self._search.bank, self._search.bank_sq
+        ``num_neighbors`` bank neighbours of its nearest neighbour)[0]. ``bank_sq`` with
+        ``inf`` entries leaves those bank rows out (leave-one-out)."""
+        bank = self._search.bank
+        bank_sq = self._search.bank_sq if bank_sq is None else bank_sq
         rows = torch.arange(len(patch))
         worst = patch.argmax(1)
         score = patch[rows, worst]
         feats = queries[rows, worst]                                  # (B, C)
-        nearest = bank[self._search.nearest_index(feats)]
+        nearest = bank[nearest_indices(feats, bank, bank_sq)]
         k = min(self.config.num_neighbors, len(bank))
         d2 = torch.addmm(bank_sq, nearest, bank.T, alpha=-2)
         support = d2.topk(k, dim=1, largest=False).indices           # includes the neighbour
@@ -183,13 +192,57 @@ class PatchCoreModel(AnomalyModel):
         weight = 1 - torch.softmax(dist, 1)[:, 0]
         return weight * score
 
+    # ----------------------------------------------------------------- leave-one-out
+    supports_leave_one_out = True
+
+    @torch.inference_mode()
+    def leave_one_out_scores(self, images: torch.utils.data.Dataset
+                             ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Each training image scored against the bank without the rows taken from it.
+
+        Exact and without refitting: the excluded rows get an infinite squared norm in a
+        brute-force search, so they can never be the nearest neighbour (nor, with
+        ``reweight``, one of the re-weighting neighbours). The rest of the bank is the same
+        coreset, so this equals scoring against ``memory_bank[bank_source != i]``.
+        """
+        if self.bank_source is None or self._search is None:
+            return None
+        n = int(self.bank_source.max()) + 1 if len(self.bank_source) else 0
+        if len(images) < n:
+            raise FlawscopeError(f"leave-one-out needs the {n} images patchcore was fitted "
+                                 f"on, got {len(images)}")
+        bank, bank_sq = self._search.bank, self._search.bank_sq
+        loader = torch.utils.data.DataLoader(images, batch_size=self.config.batch_size)
+        scores, maps, first = [], [], 0
+        for batch in tqdm(loader, desc="leave-one-out", leave=False, disable=None):
+            emb = self.embed(batch)
+            b, c, h, w = emb.shape
+            queries = emb.permute(0, 2, 3, 1).reshape(b, h * w, c)
+            for j in range(b):
+                masked = bank_sq.masked_fill(self.bank_source == first + j, math.inf)
+                patch = nearest_distances(queries[j], bank, masked)[None]
+                if self.config.reweight and len(bank) > 1:
+                    score = self._reweighted(patch, queries[j][None], masked)
+                else:
+                    score = patch.amax(1)
+                scores.append(score)
+                maps.append(upsample_and_smooth(patch.view(1, h, w), self.image_size,
+                                                self.config.sigma))
+            first += b
+        return torch.cat(scores).float().numpy(), torch.cat(maps).float().numpy()
+
     # ----------------------------------------------------------------- state
     def state_tensors(self) -> dict[str, torch.Tensor]:
         if self.memory_bank is None:
             raise FlawscopeError("patchcore model is not fitted")
-        return {"memory_bank": self.memory_bank}
+        tensors = {"memory_bank": self.memory_bank}
+        if self.bank_source is not None:
+            tensors["bank_source"] = self.bank_source
+        return tensors
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         if "memory_bank" not in tensors:
             raise FlawscopeError("patchcore model file has no memory_bank tensor")
         self._set_bank(tensors["memory_bank"].to(_DTYPES[self.config.bank_dtype]))
+        source = tensors.get("bank_source")
+        self.bank_source = None if source is None else source.to(torch.int32)
