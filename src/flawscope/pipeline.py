@@ -23,7 +23,7 @@ from .metrics import compute_all
 from .modelfile import save_model
 from .models import AnomalyModel, get_model_class
 from .models.base import resize_maps
-from .threshold import DEFAULT_MAX_FALSE_ALARM, check_alpha, from_good_scores
+from .threshold import DEFAULT_MAX_FALSE_ALARM, check_alpha, from_calibration
 
 log = logging.getLogger(__name__)
 
@@ -93,31 +93,33 @@ class FitResult:
 def fit_model(data_dir: str | Path, model_name: str, out_dir: str | Path,
               preset: str | None = None, overrides: dict[str, Any] | None = None,
               holdout: float = DEFAULT_HOLDOUT,
-              max_false_alarm: float = DEFAULT_MAX_FALSE_ALARM) -> FitResult:
+              max_false_alarm: float = DEFAULT_MAX_FALSE_ALARM,
+              calibration: str = "holdout", folds: int = 5) -> FitResult:
     """Fit ``model_name`` on ``data_dir``/train/good and save it to ``out_dir``.
 
-    The decision threshold is set from the held-out good scores for a false-alarm rate of
-    ``max_false_alarm`` (see :mod:`flawscope.threshold`).
+    ``calibration`` (``auto|holdout|loo|kfold``, see :mod:`flawscope.calibration`) says how
+    the good images' calibration scores are made; the decision threshold is set from them for
+    a false-alarm rate of ``max_false_alarm`` (see :mod:`flawscope.threshold`).
     """
+    from .calibration import calibrate
+
     check_alpha(max_false_alarm)
     category = open_category(data_dir)
-    model = get_model_class(model_name).from_settings(preset, overrides)
-    fit_paths, held_paths = split_holdout(category.train, holdout, int(model.config.seed))
+    cls = get_model_class(model_name)
+    seed = int(cls.from_settings(preset, overrides).config.seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    log.info("fitting %s on %d good images of %s (%d held out)", model.name, len(fit_paths),
-             category.root, len(held_paths))
-    torch.manual_seed(int(model.config.seed))
-    start = time.perf_counter()
-    model.fit(ImageDataset(fit_paths, model.image_size), workdir=out_dir / "training")
-    fit_s = time.perf_counter() - start
-    calibration = None
-    if held_paths:
-        calibration = calibration_from(*score_paths(model, held_paths, desc="held-out"))
+    log.info("fitting %s on the good images of %s (calibration: %s)", model_name,
+             category.root, calibration)
+    result = calibrate(lambda: cls.from_settings(preset, overrides), category.train,
+                       calibration, holdout, folds, seed, workdir=out_dir / "training")
+    model, fit_s = result.model, result.fit_s
+    fit_paths, held_paths = range(result.n_fit), range(result.n_holdout)
+    calibration = result.calibration
     fit_info = {"fit_s": fit_s, "n_train": len(fit_paths), "n_holdout": len(held_paths),
                 "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
-                "data": str(category.root)}
-    threshold = from_good_scores(calibration["scores"] if calibration else [], max_false_alarm)
+                "data": str(category.root), "calibration": result.method}
+    threshold = from_calibration(calibration, max_false_alarm)
     if threshold["warning"]:
         log.warning("%s", threshold["warning"])
     save_model(model, out_dir, extra={"fit_info": fit_info, "calibration": calibration,
