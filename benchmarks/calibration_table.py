@@ -181,6 +181,8 @@ def main() -> None:
     parser.add_argument("--targets", default="0.01,0.05")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/flawscope-calibration"))
     parser.add_argument("--collect-only", action="store_true")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="print the tables from the cached fits only (nothing is fitted)")
     parser.add_argument("--tail-sizes", default="20,40,60")
     parser.add_argument("--draws", type=int, default=200)
     args = parser.parse_args()
@@ -196,6 +198,10 @@ def main() -> None:
             continue
         for model in models:
             for method in ("holdout", "loo"):
+                path = args.cache / f"{category.replace('/', '_')}-{model}-{method}.json"
+                if args.cached_only and not path.is_file():
+                    print(f"  not cached yet: {category} {model} {method}")
+                    continue
                 records.append(collect(args.data, category, model, method, args.cache))
     if args.collect_only:
         return

@@ -7,8 +7,9 @@ import torch
 from flawscope.calibration import calibrate, kfold_indices
 from flawscope.data import ImageDataset, open_category
 from flawscope.errors import FlawscopeError
-from flawscope.modelfile import load_model, save_model
+from flawscope.modelfile import load_model, read_manifest, save_model
 from flawscope.models import get_model_class
+from flawscope.pipeline import fit_model
 from flawscope.synth import SynthSpec, generate
 
 
@@ -121,3 +122,15 @@ def test_loo_on_a_model_without_it_is_a_clear_error(texture):
 
     with pytest.raises(FlawscopeError, match="leave-one-out"):
         calibrate(make, texture.train, method="loo")
+
+
+def test_fit_model_with_leave_one_out_holds_nothing_out(synth_root, tmp_path):
+    result = fit_model(synth_root / "synthetic_object", "gaussian", tmp_path / "m",
+                       calibration="loo", max_false_alarm=0.05)
+    manifest = read_manifest(tmp_path / "m")
+    assert result.n_holdout == 0 and result.n_train == 40
+    assert manifest["calibration"]["method"] == "loo"
+    assert manifest["calibration"]["n_images"] == 40 == manifest["threshold"]["n_good"]
+    assert manifest["threshold"]["calibration"] == "loo"
+    assert manifest["threshold"]["method"] == "good_quantile"  # 40 >= 19 images for 5%
+    assert manifest["threshold"]["pixel_value"] >= manifest["calibration"]["map_p99"]
