@@ -1,8 +1,10 @@
 """Do thresholds set from good images keep their false-alarm target on real data?
 
 For every category under --data and every model: fit once with the old calibration (10% of
-train/good held out of the fit and scored) and once with the new one (leave-one-out: fitted on
-every good image, each scored as if left out), and score test/ with each model. Then, for each
+train/good held out of the fit and scored; thresholds by the old estimators: conformal
+quantile, else the Gaussian tail) and once with the new one (leave-one-out: fitted on every
+good image, each scored as if left out; conformal quantile, else the generalized-Pareto
+tail), and score test/ with each model. Then, for each
 target false-alarm rate, set the threshold from the calibration scores alone
 (:func:`flawscope.threshold.from_good_scores`) and report on test/good the observed false
 alarms (count / n) with their Clopper-Pearson 95% interval, and on the defective test images
@@ -78,6 +80,18 @@ def oracle_detection(good: np.ndarray, bad: np.ndarray, target: float) -> float:
     return float(np.mean(bad > t))
 
 
+def old_threshold(scores: list[float], target: float) -> dict:
+    """The threshold as flawscope set it before leave-one-out: the conformal quantile, or
+    below 1/target - 1 scores the Gaussian tail (mean + z std, at least the highest)."""
+    from flawscope import threshold as th
+
+    n = len(scores)
+    if n >= th.images_needed(target):
+        return th.from_good_scores(scores, target)
+    return th.manual(th.gaussian_tail(scores, target)) | {"method": "good_gaussian_tail",
+                                                          "max_false_alarm": target}
+
+
 def binomial_range(n: int, p: float) -> tuple[int, int]:
     """Central 95% range of Binomial(n, p) (2.5% and 97.5% quantiles)."""
     from scipy.stats import binom
@@ -102,7 +116,8 @@ def threshold_table(records: list[dict], targets: list[float], models: list[str]
                         continue
                     labels = np.array(rec["labels"])
                     scores = np.array(rec["test_scores"])
-                    record = th.from_good_scores(rec["calibration"], target)
+                    record = (old_threshold(rec["calibration"], target) if method == "holdout"
+                              else th.from_good_scores(rec["calibration"], target))
                     r = th.rates(record, labels, scores)
                     good, bad = scores[labels == 0], scores[labels == 1]
                     oracle = oracle_detection(good, bad, target)
