@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from scipy import stats
 
 from flawscope import threshold as th
 from flawscope.cli import cli
@@ -21,6 +22,9 @@ def test_quantile_with_enough_good_images_keeps_false_alarms_under_target():
     # ceil(200 * 0.99) = 198th smallest of 199: one held-out image above it.
     assert record["value"] == np.sort(good)[197]
     assert record["estimated_false_alarm"] == pytest.approx(1 / 199)
+    # Given the calibration set the false-alarm rate is Beta(n + 1 - k, k) = Beta(2, 198).
+    assert record["false_alarm_upper"] == pytest.approx(stats.beta.ppf(0.95, 2, 198))
+    assert 0.02 < record["false_alarm_upper"] < 0.03
     # On fresh good images from the same distribution the false-alarm rate is near 1%.
     fresh = rng.gamma(4.0, 1.0, size=200_000)
     assert np.mean(fresh > record["value"]) < 0.03
@@ -30,7 +34,8 @@ def test_few_good_images_extrapolate_with_a_warning_and_flag_none_of_them():
     good = [1.0, 1.2, 0.9, 1.1, 1.05, 0.95]
     record = th.from_good_scores(good, 0.01)
     assert record["method"] == "good_gaussian_tail"
-    assert "only 6 held-out good images" in record["warning"] and "99" in record["warning"]
+    assert "only 6 calibration good images" in record["warning"] and "99" in record["warning"]
+    assert "unknown" in record["warning"] and record["false_alarm_upper"] is None
     assert record["value"] >= max(good)
     assert record["value"] == pytest.approx(np.mean(good) + 2.3263 * np.std(good, ddof=1),
                                             rel=1e-4)
@@ -126,3 +131,74 @@ def test_model_without_held_out_images_predicts_undecided(synth_root, tmp_path):
     lines = [json.loads(x) for x in jsonl.splitlines()]
     assert lines and all(x["is_anomalous"] is None for x in lines)
     assert "undecided" in result.output
+
+
+def test_pareto_tail_extrapolates_a_heavy_tail_that_the_normal_fit_underestimates():
+    """Scores with a Pareto (power-law) tail, P(X > x) = x^-4 for x >= 1. From 20 scores the
+    1% point can only be extrapolated; over 300 draws the generalized-Pareto threshold's true
+    false-alarm rate averages 2.5% (measured), the normal fit's 4.2%, and the highest score
+    alone (the floor of both) 1/21 = 4.8%."""
+    rng = np.random.default_rng(1)
+    tail_fa, normal_fa, uppers, free = [], [], [], []
+    for _ in range(300):
+        good = rng.pareto(4.0, size=20) + 1.0
+        record = th.from_good_scores(good, 0.01)
+        assert record["method"] == "good_pareto_tail"
+        tail_fa.append(record["value"] ** -4.0)
+        normal_fa.append(th.gaussian_tail(good, 0.01) ** -4.0)
+        uppers.append(record["false_alarm_upper"])
+        free.append(record["false_alarm_upper_free"])
+    assert np.mean(tail_fa) < 0.75 * np.mean(normal_fa)
+    assert np.mean(tail_fa) < 0.8 / 21
+    # The model's bootstrap bound is optimistic (above the true rate in 59% of draws); the
+    # distribution-free one, 1 - 0.05^(1/20) = 13.9%, holds in at least 95% of draws.
+    assert 0.4 < np.mean(np.array(uppers) >= np.array(tail_fa)) < 0.95
+    assert free[0] == pytest.approx(1 - 0.05 ** (1 / 20))
+    assert np.mean(np.array(free) >= np.array(tail_fa)) >= 0.95
+
+
+def test_pareto_tail_record_says_what_it_is_never_silently():
+    good = np.random.default_rng(0).gamma(4.0, 1.0, size=40)
+    record = th.from_good_scores(good, 0.01)
+    assert record["method"] == "good_pareto_tail" and record["value"] >= good.max()
+    assert "generalized-Pareto" in record["warning"] and "upper bound" in record["warning"]
+    assert 0.01 < record["false_alarm_upper"] < 0.2
+    assert "95% upper bound" in th.describe(record)
+    # The same scores at 5%: 40 >= 19 images, so the conformal quantile, no warning.
+    assert th.from_good_scores(good, 0.05)["method"] == "good_quantile"
+
+
+def test_probability_weighted_moments_recover_a_generalized_pareto():
+    sample = stats.genpareto.rvs(0.2, scale=2.0, size=(20, 5000), random_state=3)
+    shape, scale = th._pwm_gpd(np.sort(sample, axis=1))
+    assert np.mean(shape) == pytest.approx(0.2, abs=0.03)
+    assert np.mean(scale) == pytest.approx(2.0, rel=0.03)
+
+
+def test_clopper_pearson_by_hand():
+    # 0 of 10: the upper end solves (1 - p)^10 = 0.025.
+    assert th.clopper_pearson(0, 10) == pytest.approx((0.0, 1 - 0.025 ** 0.1))
+    lo, hi = th.clopper_pearson(3, 100)
+    assert lo == pytest.approx(stats.beta.ppf(0.025, 3, 98))
+    assert hi == pytest.approx(stats.beta.ppf(0.975, 4, 97))
+    with pytest.raises(FlawscopeError):
+        th.clopper_pearson(0, 0)
+
+
+def test_rates_report_counts_and_interval():
+    record = th.manual(0.5)
+    r = th.rates(record, [0, 0, 0, 0, 1, 1, 1], [0.1, 0.6, 0.2, 0.3, 0.9, 0.4, 0.7])
+    assert (r["false_alarms"], r["n_good"], r["detections"], r["n_defective"]) == (1, 4, 2, 3)
+    assert r["false_alarm_rate"] == 0.25 and r["detection_rate"] == pytest.approx(2 / 3)
+    assert r["false_alarm_ci"] == pytest.approx(list(th.clopper_pearson(1, 4)))
+    none = th.rates(None, [0, 1], [0.1, 0.9])
+    assert none["false_alarm_rate"] is None and none["n_good"] == 1
+
+
+def test_pixel_threshold_uses_the_per_image_map_maxima():
+    maxima = np.arange(1.0, 201.0)  # 200 images
+    record = th.from_calibration({"scores": maxima / 10, "map_max_per_image": maxima,
+                                  "method": "loo"}, 0.01)
+    # ceil(201 * 0.99) = 199th smallest of the maxima: 2 of 200 images (1%) exceed it.
+    assert record["pixel_value"] == 199.0 and record["pixel_method"] == "good_quantile"
+    assert record["calibration"] == "loo" and record["value"] == pytest.approx(19.9)

@@ -31,7 +31,7 @@ from .modelfile import save_model
 from .models import AnomalyModel, get_model_class
 from .models.base import resize_maps
 from .pixelmetrics import PixelMetrics
-from .threshold import DEFAULT_MAX_FALSE_ALARM, check_alpha, from_good_scores, rates
+from .threshold import DEFAULT_MAX_FALSE_ALARM, check_alpha, from_calibration, rates
 
 log = logging.getLogger(__name__)
 
@@ -152,43 +152,43 @@ def good_images(data: str | Path | Sequence) -> tuple[list, str]:
 def fit_model(data: str | Path | Sequence, model_name: str, out_dir: str | Path | None = None,
               preset: str | None = None, overrides: dict[str, Any] | None = None,
               holdout: float = DEFAULT_HOLDOUT,
-              max_false_alarm: float = DEFAULT_MAX_FALSE_ALARM) -> FitResult:
-    """Fit ``model_name`` on good images (see :func:`good_images`), calibrate it on the
-    held-out ones and, with ``out_dir``, save it there.
+              max_false_alarm: float = DEFAULT_MAX_FALSE_ALARM,
+              calibration: str = "holdout", folds: int = 5) -> FitResult:
+    """Fit ``model_name`` on good images (see :func:`good_images`), calibrate it and, with
+    ``out_dir``, save it there.
 
-    The decision threshold is set from the held-out good scores for a false-alarm rate of
-    ``max_false_alarm`` (see :mod:`flawscope.threshold`). Without ``out_dir`` nothing is
-    written (training checkpoints go to a temporary folder).
+    ``calibration`` (``auto|holdout|loo|kfold``, see :mod:`flawscope.calibration`) says how
+    the good images' calibration scores are made; the decision threshold is set from them for
+    a false-alarm rate of ``max_false_alarm`` (see :mod:`flawscope.threshold`). Without
+    ``out_dir`` nothing is written (training checkpoints go to a temporary folder).
     """
+    from .calibration import calibrate
+
     check_alpha(max_false_alarm)
     # The model first: a typo in its name or settings fails before any image is read.
-    model = get_model_class(model_name).from_settings(preset, overrides)
+    cls = get_model_class(model_name)
+    seed = int(cls.from_settings(preset, overrides).config.seed)
     images, source = good_images(data)
-    fit_images, held = split_holdout(images, holdout, int(model.config.seed))
-    log.info("fitting %s on %d good images of %s (%d held out)", model.name, len(fit_images),
-             source, len(held))
+    log.info("fitting %s on %d good images of %s (calibration: %s)", model_name, len(images),
+             source, calibration)
     with tempfile.TemporaryDirectory(prefix="flawscope-fit-") as scratch:
         workdir = Path(out_dir) / "training" if out_dir is not None else Path(scratch)
-        torch.manual_seed(int(model.config.seed))
-        start = time.perf_counter()
-        model.fit(ImageDataset(fit_images, model.image_size), workdir=workdir)
-        fit_s = time.perf_counter() - start
-    calibration = None
-    if held:
-        scores, maps = score_paths(model, held, desc="held-out")
-        check_scores_usable(scores, "the held-out good images")
-        calibration = calibration_from(scores, maps)
+        result = calibrate(lambda: cls.from_settings(preset, overrides), images, calibration,
+                           holdout, folds, seed, workdir=workdir)
+    model, fit_s, record = result.model, result.fit_s, result.calibration
+    if record is not None:
+        check_scores_usable(np.asarray(record["scores"]), "the good calibration images")
     else:
-        check_scores_usable(score_paths(model, fit_images[:8], desc="checking")[0],
+        check_scores_usable(score_paths(model, images[:8], desc="checking")[0],
                             "training images")
-    fit_info = {"fit_s": fit_s, "n_train": len(fit_images), "n_holdout": len(held),
+    fit_info = {"fit_s": fit_s, "n_train": result.n_fit, "n_holdout": result.n_holdout,
                 "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
-                "data": source}
-    threshold = from_good_scores(calibration["scores"] if calibration else [], max_false_alarm)
+                "data": source, "calibration": result.method}
+    threshold = from_calibration(record, max_false_alarm)
     if threshold["warning"]:
         log.warning("%s", threshold["warning"])
     result = FitResult(model, Path(out_dir) if out_dir is not None else None, fit_s,
-                       len(fit_images), len(held), calibration, threshold, fit_info)
+                       result.n_fit, result.n_holdout, record, threshold, fit_info)
     if out_dir is not None:
         save_model(model, out_dir, extra=result.manifest_fields)
     return result

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -100,6 +101,28 @@ class AnomalyModel(ABC):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`extra_state` (default: nothing to restore)."""
+        return None
+
+    #: True where :meth:`leave_one_out_scores` is implemented (exactly, without refitting).
+    #: ``fit --calibration auto`` then fits on every good image and calibrates on all of them.
+    supports_leave_one_out: ClassVar[bool] = False
+
+    def leave_one_out_scores(self, images: torch.utils.data.Dataset
+                             ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Scores ``(N,)`` and maps ``(N, S, S)`` (float32, model resolution, as
+        :meth:`score_tensor`) of each of the ``N`` training images as if the model had been
+        fitted without that image; None (the default) where the model cannot do this.
+
+        ``images`` must be the dataset given to the last :meth:`fit`, in the same order: the
+        fitted state remembers which image each part of it came from. Only available on the
+        model that was just fitted (a loaded model returns None). Example::
+
+            model.fit(train)
+            scores, maps = model.leave_one_out_scores(train)  # calibration scores
+
+        Each score is what a new good image would get, so thresholds set from them keep
+        their false-alarm rate without holding images out of the fit.
+        """
         return None
 
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor | None:

@@ -12,11 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import FlawscopeError
 from . import register
-from .base import AnomalyModel
+from .base import AnomalyModel, resize_maps
 
 
 @dataclass
@@ -84,10 +86,39 @@ class GaussianModel(AnomalyModel):
             total += batch.sum(0)
             total_sq += (batch * batch).sum(0)
             count += batch.shape[0]
+        self.mean, self.std = self._mean_std(total, total_sq, count)
+        self._sums = (total, total_sq, count)
+
+    def _mean_std(self, total: torch.Tensor, total_sq: torch.Tensor,
+                  count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pixel mean and floored standard deviation (ddof 0) from float64 sums."""
         mean = total / count
         var = (total_sq / count - mean * mean).clamp_min(0)
-        self.mean = mean.float()
-        self.std = var.sqrt().float().clamp_min(self.config.min_std)
+        return mean.float(), var.sqrt().float().clamp_min(self.config.min_std)
+
+    supports_leave_one_out = True
+    _sums: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    @torch.no_grad()
+    def leave_one_out_scores(self, images: torch.utils.data.Dataset
+                             ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Each training image scored by the per-pixel mean and deviation of the others:
+        its own pixels subtracted from the fitted sums (exactly a refit without it)."""
+        if self._sums is None or self._sums[2] < 2:
+            return None
+        total, total_sq, count = self._sums
+        if len(images) != count:
+            raise FlawscopeError(f"leave-one-out needs the {count} images gaussian was fitted "
+                                 f"on, got {len(images)}")
+        loader = torch.utils.data.DataLoader(images, batch_size=self.config.batch_size)
+        scores, maps = [], []
+        for batch in loader:
+            x = batch.double()
+            mean, std = self._mean_std(total - x, total_sq - x * x, count - 1)
+            s, m = GaussianScorer(mean, std, float(self.config.sigma))(batch)
+            scores.append(s)
+            maps.append(resize_maps(m, batch.shape[-2:]))
+        return torch.cat(scores).numpy(), torch.cat(maps).numpy()
 
     def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.onnx_module()(images)

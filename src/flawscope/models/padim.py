@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -80,6 +81,9 @@ class PadimModel(AnomalyModel):
         self.mean: torch.Tensor | None = None          # (P, d)
         self.inv_cov: torch.Tensor | None = None       # (P, d, d)
         self.grid: tuple[int, int] | None = None
+        #: (n, mean, inverse of M2 / (n - 2) + eps I), float64, kept from the last fit for
+        #: leave-one-out (not saved).
+        self._loo: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def extractor(self) -> FeatureExtractor:
@@ -122,13 +126,58 @@ class PadimModel(AnomalyModel):
         # Covariance and inverse in float64 but a slice of positions at a time, written into
         # float32 in place: the peak stays near one float32 copy of the covariances.
         inv_cov = outer
+        # float64: the leave-one-out distance divides by 1 - c^2 q (below), which is near 0
+        # for an image that dominates a direction; with a float32 inverse, 12 images of 20
+        # features were measured 1.3% off a refit, with float64 1e-8.
+        loo_inv = torch.empty(outer.shape, dtype=torch.float64) if n > 2 else None
         for start in range(0, len(outer), _POSITIONS_PER_STEP):
             part = slice(start, start + _POSITIONS_PER_STEP)
             m = mean_c[part]
-            cov = (outer[part].double() - n * m[:, :, None] * m[:, None, :]) / (n - 1) + eye
-            inv_cov[part] = torch.linalg.inv(cov).float()
+            m2 = outer[part].double() - n * m[:, :, None] * m[:, None, :]  # sum of squares
+            inv_cov[part] = torch.linalg.inv(m2 / (n - 1) + eye).float()
+            if loo_inv is not None:
+                loo_inv[part] = torch.linalg.inv(m2 / (n - 2) + eye)
         self.inv_cov = inv_cov
         self.mean = (mean_c + shift.double()).float()
+        self._loo = None if loo_inv is None else (n, mean_c + shift.double(), loo_inv)
+
+    supports_leave_one_out = True
+
+    @torch.inference_mode()
+    def leave_one_out_scores(self, images: torch.utils.data.Dataset
+                             ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Each training image's Mahalanobis map under the Gaussians fitted without it.
+
+        Closed form, per position, with ``d = x_i - mean`` and ``M2`` the sum of squared
+        deviations of all ``n`` images: without image ``i`` the mean is
+        ``mean - d / (n - 1)``, so ``x_i`` lies ``n / (n - 1) * d`` from it, and the sum of
+        squares is down-dated by rank one, ``M2 - n / (n - 1) * d d^T`` (Welford). The
+        covariance without ``i`` is ``B - c^2 d d^T`` with ``B = M2 / (n - 2) + eps I`` and
+        ``c^2 = n / ((n - 1)(n - 2))``; by Sherman-Morrison, with ``q = d^T B^-1 d``, the
+        squared distance is ``(n / (n - 1))^2 * q / (1 - c^2 q)``. ``B^-1`` is computed once
+        while fitting, so this costs one scoring pass over the training images and equals a
+        refit without the image (up to float rounding).
+        """
+        if self._loo is None or self.mean is None:
+            return None
+        n, mean, inv_b = self._loo
+        if len(images) != n:
+            raise FlawscopeError(f"leave-one-out needs the {n} images padim was fitted on, "
+                                 f"got {len(images)}")
+        c2 = n / ((n - 1) * (n - 2))
+        loader = torch.utils.data.DataLoader(images, batch_size=self.config.batch_size)
+        scores, maps = [], []
+        for batch in tqdm(loader, desc="leave-one-out", leave=False, disable=None):
+            delta = (self.embed(batch).double() - mean).transpose(0, 1)   # (P, B, d)
+            q = (torch.bmm(delta, inv_b) * delta).sum(-1)                 # (P, B)
+            # 1 - c^2 q > 0 exactly (the down-dated covariance is positive definite).
+            dist2 = (n / (n - 1)) ** 2 * q / (1 - c2 * q).clamp_min(1e-12)
+            h, w = self.grid
+            m = dist2.clamp_min(0).sqrt().float().T.reshape(-1, h, w)
+            m = upsample_and_smooth(m, self.image_size, self.config.sigma)
+            scores.append(m.flatten(1).amax(1))
+            maps.append(m)
+        return torch.cat(scores).numpy(), torch.cat(maps).numpy()
 
     def onnx_module(self) -> torch.nn.Module:
         """Scoring is a fixed torch graph: exported as is (see ``flawscope export``)."""

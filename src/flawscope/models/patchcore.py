@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -48,7 +49,12 @@ from ..backbones import FeatureExtractor
 from ..cellcoreset import StreamingCoreset
 from ..coreset import greedy_coreset
 from ..errors import FlawscopeError
-from ..nnsearch import ClusteredBank, blocked_nearest_distances, nearest_indices
+from ..nnsearch import (
+    ClusteredBank,
+    blocked_nearest_distances,
+    nearest_distances,
+    nearest_indices,
+)
 from . import register
 from ._maps import upsample_and_smooth
 from .base import AnomalyModel
@@ -129,6 +135,10 @@ class PatchCoreModel(AnomalyModel):
         self._extractor: FeatureExtractor | None = None
         self.memory_bank: torch.Tensor | None = None
         self._search: ClusteredBank | None = None
+        #: Index (in the fitted dataset) of the image each bank row came from; None for models
+        #: saved before it was recorded and for the approximate coreset (they score as
+        #: before, without leave-one-out).
+        self.bank_source: torch.Tensor | None = None
 
     # ----------------------------------------------------------------- features
     @property
@@ -158,6 +168,7 @@ class PatchCoreModel(AnomalyModel):
         log.info("selecting %s of %d patches (%s coreset)", self.config.coreset_ratio,
                  n_patches, method)
         fit_bank = self._exact_bank if method == "exact" else self._approx_bank
+        self.bank_source = None
         bank = fit_bank(itertools.chain([first], batches), n_patches)
         self._set_bank(bank.to(_DTYPES[self.config.bank_dtype]).contiguous())
 
@@ -172,14 +183,17 @@ class PatchCoreModel(AnomalyModel):
             rows = self._rows(emb)
             if bank is None:  # one preallocated matrix: no list of batches plus a copy
                 bank = torch.empty(n_patches, rows.shape[1])
+                per_image = emb.shape[2] * emb.shape[3]
             bank[filled:filled + len(rows)] = rows
             filled += len(rows)
         assert bank is not None and filled == len(bank)
         n_select = max(1, math.ceil(self.config.coreset_ratio * len(bank)))
+        source = torch.arange(len(bank)) // per_image  # each row's training image
         if n_select < len(bank):
             chosen = greedy_coreset(bank, n_select, self.config.projection_dim,
                                     seed=int(self.config.seed))
-            bank = bank[chosen]
+            bank, source = bank[chosen], source[chosen]
+        self.bank_source = source.to(torch.int32)
         return bank
 
     def _approx_bank(self, batches: Iterator[torch.Tensor], n_patches: int) -> torch.Tensor:
@@ -213,16 +227,61 @@ class PatchCoreModel(AnomalyModel):
             raise FlawscopeError("patchcore model is not fitted")
         return PatchCoreScorer(self)
 
+    # ----------------------------------------------------------------- leave-one-out
+    @property
+    def supports_leave_one_out(self) -> bool:
+        """Leave-one-out needs each bank row's source image, which the exact coreset keeps
+        (the approximate one does not: calibrate those with a hold-out)."""
+        return self.config.coreset == "exact"
+
+    @torch.inference_mode()
+    def leave_one_out_scores(self, images: torch.utils.data.Dataset
+                             ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Each training image scored against the bank without the rows taken from it.
+
+        Exact and without refitting: the excluded rows get an infinite squared norm in a
+        brute-force search, so they can never be the nearest neighbour (nor, with
+        ``reweight``, one of the re-weighting neighbours). The rest of the bank is the same
+        coreset, so this equals scoring against ``memory_bank[bank_source != i]``.
+        """
+        if self.bank_source is None or self._search is None:
+            return None
+        n = int(self.bank_source.max()) + 1 if len(self.bank_source) else 0
+        if len(images) < n:
+            raise FlawscopeError(f"leave-one-out needs the {n} images patchcore was fitted "
+                                 f"on, got {len(images)}")
+        bank, bank_sq = self._search.bank, self._search.bank_sq
+        loader = torch.utils.data.DataLoader(images, batch_size=self.config.batch_size)
+        scores, maps, first = [], [], 0
+        for batch in tqdm(loader, desc="leave-one-out", leave=False, disable=None):
+            emb = self.embed(batch)
+            b, c, h, w = emb.shape
+            queries = emb.permute(0, 2, 3, 1).reshape(b, h * w, c)
+            for j in range(b):
+                masked = bank_sq.masked_fill(self.bank_source == first + j, math.inf)
+                patch = nearest_distances(queries[j], bank, masked)[None]
+                s, m = scores_and_maps(patch, queries[j][None], (h, w), bank, masked,
+                                       self.config)
+                scores.append(s)
+                maps.append(m)
+            first += b
+        return torch.cat(scores).float().numpy(), torch.cat(maps).float().numpy()
+
     # ----------------------------------------------------------------- state
     def state_tensors(self) -> dict[str, torch.Tensor]:
         if self.memory_bank is None:
             raise FlawscopeError("patchcore model is not fitted")
-        return {"memory_bank": self.memory_bank}
+        tensors = {"memory_bank": self.memory_bank}
+        if self.bank_source is not None:
+            tensors["bank_source"] = self.bank_source
+        return tensors
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         if "memory_bank" not in tensors:
             raise FlawscopeError("patchcore model file has no memory_bank tensor")
         self._set_bank(tensors["memory_bank"].to(_DTYPES[self.config.bank_dtype]))
+        source = tensors.get("bank_source")
+        self.bank_source = None if source is None else source.to(torch.int32)
 
 
 def patch_features(extractor: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,154 @@
+"""Calibration: the scores of good images from a model that did not see them.
+
+A threshold set from good images (:mod:`flawscope.threshold`) is only as good as the scores it
+rests on: they must be what a *new* good part would score, so they cannot come from images the
+model was fitted on (a memory bank contains its own training patches and scores them near 0).
+Four ways to get them, ``fit --calibration``:
+
+``loo`` (leave-one-out)
+    The model is fitted on every good image, then each one is scored as if it had been left
+    out, exactly and without refitting (:meth:`AnomalyModel.leave_one_out_scores`: PatchCore
+    excludes the image's own rows from its memory bank, PaDiM and the Gaussian baseline
+    down-date their statistics in closed form). Nothing is held out, and there are as many
+    calibration scores as good images.
+``kfold``
+    The good images are split into ``folds`` parts; a model fitted on all but one part scores
+    that part, for each part; the saved model is then fitted on all images. ``folds + 1``
+    fits: for models without leave-one-out whose fit is affordable.
+``holdout``
+    A fraction of the good images is held out of the fit and scored (the classic split, and
+    the only choice for models whose fit is expensive).
+``auto``
+    ``loo`` where the model supports it, else ``holdout``.
+
+Usage::
+
+    result = calibrate(lambda: get_model_class("padim").from_settings(), paths)
+    result.model                      # fitted on every image in ``paths``
+    result.calibration["scores"]      # one leave-one-out score per image
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import ImageDataset
+from .errors import FlawscopeError
+from .models import AnomalyModel
+
+log = logging.getLogger(__name__)
+
+METHODS = ("auto", "holdout", "loo", "kfold")
+DEFAULT_FOLDS = 5
+
+
+@dataclass
+class Calibrated:
+    """A fitted model and the calibration record of its good images."""
+
+    model: AnomalyModel
+    calibration: dict[str, Any] | None
+    method: str
+    n_fit: int
+    n_holdout: int
+    fit_s: float
+
+
+def calibration_record(scores: np.ndarray, maps: np.ndarray, method: str) -> dict[str, Any]:
+    """What normal looks like: the calibration scores, map statistics and how they were made.
+
+    ``map_max_per_image`` (the largest map value of each image) sets the pixel threshold of
+    defect regions (:func:`flawscope.threshold.pixel_threshold`).
+    """
+    maps = np.asarray(maps, dtype=np.float32)
+    return {
+        "method": method,
+        "n_images": int(len(scores)),
+        "scores": [float(s) for s in scores],
+        "map_p50": float(np.percentile(maps, 50)),
+        "map_p99": float(np.percentile(maps, 99)),
+        "map_max": float(maps.max()),
+        "map_max_per_image": [float(v) for v in maps.reshape(len(maps), -1).max(1)],
+    }
+
+
+def resolve_method(model: AnomalyModel, method: str, n_images: int) -> str:
+    """The method ``auto`` stands for, or a clear error for one the model cannot do."""
+    if method not in METHODS:
+        raise FlawscopeError(f"calibration {method!r}: choose from {', '.join(METHODS)}")
+    if method == "auto":
+        return "loo" if model.supports_leave_one_out and n_images >= 3 else "holdout"
+    if method == "loo" and not model.supports_leave_one_out:
+        raise FlawscopeError(f"model {model.name!r} has no leave-one-out scores; use "
+                             "--calibration holdout or kfold")
+    return method
+
+
+def kfold_indices(n: int, folds: int, seed: int) -> list[np.ndarray]:
+    """A seeded split of ``range(n)`` into ``folds`` parts of near-equal size."""
+    order = np.random.default_rng(seed).permutation(n)
+    return [np.sort(part) for part in np.array_split(order, folds)]
+
+
+def _fit(make_model: Callable[[], AnomalyModel], paths: Sequence[Path],
+         workdir: Path | None) -> tuple[AnomalyModel, ImageDataset, float]:
+    model = make_model()
+    dataset = ImageDataset(list(paths), model.image_size)
+    torch.manual_seed(int(model.config.seed))
+    start = time.perf_counter()
+    model.fit(dataset, workdir=workdir)
+    return model, dataset, time.perf_counter() - start
+
+
+def calibrate(make_model: Callable[[], AnomalyModel], paths: Sequence[Path],
+              method: str = "auto", holdout: float = 0.1, folds: int = DEFAULT_FOLDS,
+              seed: int = 0, workdir: Path | None = None) -> Calibrated:
+    """Fit a model made by ``make_model`` on good images and calibrate it by ``method``.
+
+    ``holdout`` is the fraction held out by the ``holdout`` method (fewer than 10 images are
+    never split, and then there is no calibration); ``folds`` the parts of ``kfold``;
+    ``seed`` fixes the split.
+    """
+    from .pipeline import score_paths, split_holdout
+
+    paths = list(paths)
+    method = resolve_method(make_model(), method, len(paths))
+    if method == "holdout":
+        fit_paths, held = split_holdout(paths, holdout, seed)
+        model, _, fit_s = _fit(make_model, fit_paths, workdir)
+        record = (calibration_record(*score_paths(model, held, desc="held-out"), "holdout")
+                  if held else None)
+        return Calibrated(model, record, "holdout", len(fit_paths), len(held), fit_s)
+    if method == "kfold":
+        k = min(folds, len(paths))
+        if k < 2:
+            raise FlawscopeError(f"k-fold calibration needs at least 2 good images, got "
+                                 f"{len(paths)}")
+        scores = np.zeros(len(paths), dtype=np.float64)
+        maps: np.ndarray | None = None
+        for f, part in enumerate(kfold_indices(len(paths), k, seed)):
+            inside = set(part.tolist())
+            log.info("calibration fold %d of %d", f + 1, k)
+            fold_model, _, _ = _fit(make_model, [p for i, p in enumerate(paths)
+                                                 if i not in inside], None)
+            s, m = score_paths(fold_model, [paths[i] for i in part], desc=f"fold {f + 1}")
+            if maps is None:
+                maps = np.zeros((len(paths), *m.shape[1:]), dtype=np.float32)
+            scores[part], maps[part] = s, m
+        model, _, fit_s = _fit(make_model, paths, workdir)
+        return Calibrated(model, calibration_record(scores, maps, "kfold"), "kfold",
+                          len(paths), 0, fit_s)
+    model, dataset, fit_s = _fit(make_model, paths, workdir)
+    result = model.leave_one_out_scores(dataset)
+    if result is None:
+        raise FlawscopeError(f"model {model.name!r} gave no leave-one-out scores for "
+                             f"{len(paths)} images; use --calibration holdout or kfold")
+    return Calibrated(model, calibration_record(*result, "loo"), "loo", len(paths), 0, fit_s)
