@@ -23,8 +23,18 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .data import Category, ImageDataset, TestDataset, open_category
+from .data import (
+    Category,
+    ImageDataset,
+    TestDataset,
+    as_image,
+    open_category,
+    open_checked,
+    read_image,
+    read_mask,
+)
 from .errors import FlawscopeError
+from .geometry import Geometry, score_images, training_dataset
 from .metrics import compute_all
 from .modelfile import save_model
 from .models import AnomalyModel, get_model_class
@@ -73,10 +83,16 @@ def split_holdout(paths: list, fraction: float, seed: int) -> tuple[list, list]:
 
 @torch.no_grad()
 def score_paths(model: AnomalyModel, paths: list, batch_size: int = 16,
-                desc: str = "scoring", engine: Engine | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Scores and maps (at the model's resolution, float32) of images (paths, PIL images or
-    arrays)."""
+                desc: str = "scoring", engine: Engine | None = None,
+                geometry: Geometry | None = None) -> tuple[np.ndarray, np.ndarray | list]:
+    """Scores and maps (float32) of images (paths, PIL images or arrays): an ``(N, S, S)``
+    array at the model's resolution for ``resize``, else a list of maps at each image's
+    working resolution (see :mod:`flawscope.geometry`)."""
+    if geometry is not None and geometry.tiled:
+        scored = [score_images(model, [as_image(p)], geometry, engine, batch_size)[0]
+                  for p in tqdm(paths, desc=desc, leave=False, disable=None)]
+        return (np.array([s for s, _ in scored], dtype=np.float32),
+                [m.numpy() for _, m in scored])
     loader = torch.utils.data.DataLoader(ImageDataset(paths, model.image_size),
                                          batch_size=batch_size)
     scores, maps = [], []
@@ -102,8 +118,11 @@ def check_scores_usable(scores: np.ndarray, what: str) -> None:
                              "collapsed); the model was not saved")
 
 
-def calibration_from(scores: np.ndarray, maps: np.ndarray) -> dict[str, Any]:
-    """What normal looks like on held-out good images: their scores and map statistics."""
+def calibration_from(scores: np.ndarray, maps: np.ndarray | list) -> dict[str, Any]:
+    """What normal looks like on held-out good images: their scores and map statistics
+    (``maps``: an array, or a list of maps of different sizes)."""
+    if isinstance(maps, list):
+        maps = np.concatenate([m.ravel() for m in maps])
     return {
         "n_images": int(len(scores)),
         "scores": [float(s) for s in scores],
@@ -123,12 +142,13 @@ class FitResult:
     calibration: dict[str, Any] | None = None
     threshold: dict[str, Any] | None = None
     fit_info: dict[str, Any] = field(default_factory=dict)
+    geometry: Geometry = field(default_factory=Geometry)
 
     @property
     def manifest_fields(self) -> dict[str, Any]:
         """What the model directory's manifest records about this fit."""
         return {"fit_info": self.fit_info, "calibration": self.calibration,
-                "threshold": self.threshold}
+                "threshold": self.threshold, "geometry": self.geometry.to_dict()}
 
 
 def good_images(data: str | Path | Sequence) -> tuple[list, str]:
@@ -149,17 +169,21 @@ def good_images(data: str | Path | Sequence) -> tuple[list, str]:
 def fit_model(data: str | Path | Sequence, model_name: str, out_dir: str | Path | None = None,
               preset: str | None = None, overrides: dict[str, Any] | None = None,
               holdout: float = DEFAULT_HOLDOUT,
-              max_false_alarm: float = DEFAULT_MAX_FALSE_ALARM) -> FitResult:
+              max_false_alarm: float = DEFAULT_MAX_FALSE_ALARM,
+              geometry: Geometry | None = None) -> FitResult:
     """Fit ``model_name`` on good images (see :func:`good_images`), calibrate it on the
     held-out ones and, with ``out_dir``, save it there.
 
     The decision threshold is set from the held-out good scores for a false-alarm rate of
     ``max_false_alarm`` (see :mod:`flawscope.threshold`). Without ``out_dir`` nothing is
-    written (training checkpoints go to a temporary folder).
+    written (training checkpoints go to a temporary folder). ``geometry`` (default
+    ``resize``) says how images become model inputs (:mod:`flawscope.geometry`); it is saved
+    in the manifest with its defaults filled in.
     """
     check_alpha(max_false_alarm)
     # The model first: a typo in its name or settings fails before any image is read.
     model = get_model_class(model_name).from_settings(preset, overrides)
+    geometry = (geometry or Geometry()).resolved(model.image_size)
     images, source = good_images(data)
     fit_images, held = split_holdout(images, holdout, int(model.config.seed))
     log.info("fitting %s on %d good images of %s (%d held out)", model.name, len(fit_images),
@@ -168,16 +192,16 @@ def fit_model(data: str | Path | Sequence, model_name: str, out_dir: str | Path 
         workdir = Path(out_dir) / "training" if out_dir is not None else Path(scratch)
         torch.manual_seed(int(model.config.seed))
         start = time.perf_counter()
-        model.fit(ImageDataset(fit_images, model.image_size), workdir=workdir)
+        model.fit(training_dataset(fit_images, geometry, model.image_size), workdir=workdir)
         fit_s = time.perf_counter() - start
     calibration = None
     if held:
-        scores, maps = score_paths(model, held, desc="held-out")
+        scores, maps = score_paths(model, held, desc="held-out", geometry=geometry)
         check_scores_usable(scores, "the held-out good images")
         calibration = calibration_from(scores, maps)
     else:
-        check_scores_usable(score_paths(model, fit_images[:8], desc="checking")[0],
-                            "training images")
+        check_scores_usable(score_paths(model, fit_images[:8], desc="checking",
+                                        geometry=geometry)[0], "training images")
     fit_info = {"fit_s": fit_s, "n_train": len(fit_images), "n_holdout": len(held),
                 "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
                 "data": source}
@@ -185,7 +209,7 @@ def fit_model(data: str | Path | Sequence, model_name: str, out_dir: str | Path 
     if threshold["warning"]:
         log.warning("%s", threshold["warning"])
     result = FitResult(model, Path(out_dir) if out_dir is not None else None, fit_s,
-                       len(fit_images), len(held), calibration, threshold, fit_info)
+                       len(fit_images), len(held), calibration, threshold, fit_info, geometry)
     if out_dir is not None:
         save_model(model, out_dir, extra=result.manifest_fields)
     return result
@@ -213,13 +237,15 @@ class Evaluation:
 @torch.no_grad()
 def evaluate(model: AnomalyModel, data_dir: str | Path, pixel_size: int = DEFAULT_PIXEL_SIZE,
              batch_size: int = 16, manifest: dict[str, Any] | None = None,
-             engine: Engine | None = None) -> Evaluation:
+             engine: Engine | None = None, geometry: Geometry | None = None) -> Evaluation:
     """Score every test image of a category and compute all metrics.
 
     Only ``test/`` (and ``ground_truth/`` where it exists) is read. ``manifest`` (the model
     directory's) adds the stored decision threshold's false-alarm and detection rates and the
     fit's figures. ``infer_s`` counts only the model's scoring (not image decoding), so
-    images/s compares models rather than disks.
+    images/s compares models rather than disks. ``geometry`` (default: the manifest's, else
+    ``resize``) says how images become model inputs; in a tiled geometry each image's map is
+    stitched at its working resolution, then brought to ``pixel_size``.
     """
     category = open_category(data_dir, train=False, test=True)
     items = category.require_test()
@@ -227,6 +253,13 @@ def evaluate(model: AnomalyModel, data_dir: str | Path, pixel_size: int = DEFAUL
     maps = np.zeros((n, pixel_size, pixel_size), dtype=np.float32)
     masks = np.zeros((n, pixel_size, pixel_size), dtype=bool)
     scores = np.zeros(n, dtype=np.float64)
+    if geometry is None:
+        geometry = Geometry.from_manifest(manifest or {})
+    if geometry.tiled:
+        infer_s = _evaluate_tiled(model, items, geometry, pixel_size, batch_size, engine,
+                                  scores, maps, masks, category.name)
+        return _finish(model, category, items, scores, maps, masks, infer_s, manifest,
+                       data_dir, pixel_size)
     loader = torch.utils.data.DataLoader(TestDataset(items, model.image_size, pixel_size),
                                          batch_size=batch_size)
     infer_s = 0.0
@@ -239,6 +272,32 @@ def evaluate(model: AnomalyModel, data_dir: str | Path, pixel_size: int = DEFAUL
         scores[idx] = s.numpy()
         maps[idx] = resize_maps(m, (pixel_size, pixel_size)).numpy()
         masks[idx] = batch_masks.numpy()
+    return _finish(model, category, items, scores, maps, masks, infer_s, manifest, data_dir,
+                   pixel_size)
+
+
+def _evaluate_tiled(model: AnomalyModel, items: list, geometry: Geometry, pixel_size: int,
+                    batch_size: int, engine: Engine | None, scores: np.ndarray,
+                    maps: np.ndarray, masks: np.ndarray, name: str) -> float:
+    """Fill ``scores``, ``maps`` and ``masks`` image by image in a tiled geometry; returns
+    the seconds spent scoring (tiling and stitching included, decoding not)."""
+    infer_s = 0.0
+    for i, item in enumerate(tqdm(items, desc=f"testing {name}", leave=False, disable=None)):
+        image = read_image(item.path)
+        start = time.perf_counter()
+        [(score, amap)] = score_images(model, [image], geometry, engine, batch_size)
+        infer_s += time.perf_counter() - start
+        scores[i] = score
+        maps[i] = resize_maps(amap[None], (pixel_size, pixel_size))[0].numpy()
+        if item.mask_path is not None:
+            masks[i] = read_mask(item.mask_path, pixel_size)
+    return infer_s
+
+
+def _finish(model: AnomalyModel, category: Category, items: list, scores: np.ndarray,
+            maps: np.ndarray, masks: np.ndarray, infer_s: float,
+            manifest: dict[str, Any] | None, data_dir: str | Path,
+            pixel_size: int) -> Evaluation:
     labels = np.array([int(t.is_anomalous) for t in items])
     defect_types = [t.defect_type for t in items]
     metrics = compute_all(labels, scores, defect_types,
@@ -247,6 +306,17 @@ def evaluate(model: AnomalyModel, data_dir: str | Path, pixel_size: int = DEFAUL
     evaluation.metrics = metrics_record(metrics, evaluation, model, manifest or {}, data_dir,
                                         pixel_size)
     return evaluation
+
+
+def _mpix_per_s(evaluation: Evaluation) -> float | None:
+    """Megapixels of the test images (at their own size) scored per second."""
+    if evaluation.infer_s <= 0:
+        return None
+    pixels = 0
+    for path in evaluation.paths:
+        with open_checked(path, path, min_side=1) as im:
+            pixels += im.width * im.height
+    return pixels / 1e6 / evaluation.infer_s
 
 
 def metrics_record(metrics: dict[str, Any], evaluation: Evaluation, model: AnomalyModel,
@@ -267,7 +337,9 @@ def metrics_record(metrics: dict[str, Any], evaluation: Evaluation, model: Anoma
         "n_defective": int(evaluation.labels.sum()),
         "pixel_size": pixel_size if evaluation.category.has_masks else None,
         "fit_s": fit_info.get("fit_s"),
+        "geometry": Geometry.from_manifest(manifest).to_dict(),
         "infer_s": evaluation.infer_s,
+        "infer_mpix_per_s": _mpix_per_s(evaluation),
         "infer_img_per_s": n / evaluation.infer_s if evaluation.infer_s > 0 else None,
         **rates(threshold, evaluation.labels, evaluation.scores),
         "threshold_n_good": threshold.get("n_good"),
