@@ -217,3 +217,10 @@ def test_tiles_at_native_size_find_small_defects_that_the_squash_loses():
         auroc[geometry.mode] = roc_auc_score(labels, scores)
     assert auroc["tile"] >= 0.9
     assert auroc["resize"] < 0.8
+
+
+def test_report_gallery_keeps_the_image_shape():
+    from flawscope.gallery import _aspect_kept
+
+    assert _aspect_kept(Image.new("RGB", (400, 100)), 256).size == (256, 64)
+    assert _aspect_kept(Image.new("RGB", (89, 400)), 256).size == (57, 256)
