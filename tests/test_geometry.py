@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -73,8 +74,10 @@ def test_stitched_map_is_the_working_image_for_a_pixelwise_model(geometry, expec
     grey = working_array(im, geometry.resolved(64)).mean(2)
     # Blending divides a weighted sum by the summed weights (float64): equal to float32 eps.
     np.testing.assert_allclose(amap.numpy(), grey, rtol=0, atol=1e-6)
-    # The score is the stitched map's maximum: mirrored padding never adds to it.
+    # Mirrored padding repeats image pixels only: the largest tile score is the image's.
     assert score == pytest.approx(float(grey.max()), abs=1e-6)
+    map_max, _ = score_image(model, im, replace(geometry, score="map_max"), batch_size=5)
+    assert map_max == pytest.approx(float(grey.max()), abs=1e-6)
 
 
 def test_constant_tile_maps_stitch_to_a_constant_map():
@@ -89,6 +92,18 @@ def test_constant_image_gives_a_constant_map_and_never_scores_above_its_tile():
     score, amap = score_image(GreyModel(64), im, Geometry("tile", 0, 16))
     np.testing.assert_allclose(amap.numpy(), 120 / 255, atol=1e-6)
     assert score == pytest.approx(120 / 255, abs=1e-6)
+
+
+def test_one_unpadded_tile_scores_exactly_as_resize():
+    """A square image at keep_aspect's default size is one tile holding the very input
+    ``resize`` gives the model: same score, same map."""
+    model = GreyModel(32)
+    im = _random_image(96, 96)
+    [(resized, resized_map)] = score_images(model, [im], Geometry())
+    tiled, tiled_map = score_image(model, im, Geometry("keep_aspect"))
+    assert tiled == resized
+    # The map passes through the float64 blend (weight 1): equal to float32 rounding.
+    np.testing.assert_allclose(tiled_map.numpy(), resized_map.numpy(), rtol=1e-7)
 
 
 def test_resize_scores_exactly_as_the_squash_did():
@@ -119,6 +134,8 @@ def test_bad_geometry_values_are_refused():
         Geometry("tile", -1)
     with pytest.raises(FlawscopeError, match="smaller than the tile"):
         Geometry("tile", 0, 64).resolved(64)
+    with pytest.raises(FlawscopeError, match="score"):
+        Geometry("tile", score="mean")
     with pytest.raises(FlawscopeError, match="unknown fields"):
         Geometry.from_manifest({"geometry": {"mode": "tile", "stride": 3}})
 
@@ -181,7 +198,8 @@ def test_cli_fit_saves_the_geometry(synth_root, tmp_path):
         "--max-side", "96", "--tile-size", "64", "--out", str(out)])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["geometry"] == {"mode": "keep_aspect", "max_side": 96, "overlap": 16}
+    assert manifest["geometry"] == {"mode": "keep_aspect", "max_side": 96, "overlap": 16,
+                                    "score": "tile_max"}
     assert manifest["config"]["image_size"] == 64
     bad = CliRunner().invoke(cli, [
         "fit", "--data", str(synth_root / "synthetic_texture"), "--model", "padim",
