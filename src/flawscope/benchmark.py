@@ -20,13 +20,15 @@ from tqdm import tqdm
 from . import results
 from .data import find_categories
 from .errors import FlawscopeError
+from .geometry import Geometry
 from .models import get_model_class
 from .models.base import coerce_overrides
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ["model", "category", "image_auroc", "image_ap", "pixel_auroc", "pixel_aupro",
-           "f1_max", "fit_s", "infer_img_per_s", "peak_rss_mb", "status", "error"]
+           "f1_max", "fit_s", "infer_img_per_s", "peak_rss_mb", "infer_mpix_per_s", "geometry",
+           "status", "error"]
 
 
 @dataclass
@@ -62,8 +64,18 @@ def _run(args: list[str], log_path: Path) -> None:
         raise RuntimeError(f"flawscope {args[0]} failed: {tail[0]}")
 
 
+def geometry_args(geometry: Geometry | None) -> list[str]:
+    """``flawscope fit`` options for ``geometry``."""
+    if geometry is None:
+        return []
+    args = ["--geometry", geometry.mode]
+    if geometry.max_side is not None:
+        args += ["--max-side", str(geometry.max_side)]
+    return args
+
+
 def run_pair(pair: Pair, out: Path, preset: str | None, pixel_size: int | None,
-             settings: dict[str, str] | None = None) -> None:
+             settings: dict[str, str] | None = None, geometry: Geometry | None = None) -> None:
     folder = pair.folder(out)
     folder.mkdir(parents=True, exist_ok=True)
     model_dir = folder / "model"
@@ -73,6 +85,7 @@ def run_pair(pair: Pair, out: Path, preset: str | None, pixel_size: int | None,
         fit_args += ["--preset", preset]
     for key, value in (settings or {}).items():
         fit_args += ["--set", f"{key}={value}"]
+    fit_args += geometry_args(geometry)
     _run(fit_args, folder / "log.txt")
     _run(["test", "--model", str(model_dir), "--data", str(pair.category), "--out", str(folder),
           "--pixel-size", str(pixel_size or "native")], folder / "log.txt")
@@ -84,8 +97,9 @@ def row_for(pair: Pair, out: Path) -> dict:
     row["status"] = results.status(folder)
     if row["status"] == "ok":
         metrics = results.read_metrics(folder)
-        for key in COLUMNS[2:10]:
+        for key in COLUMNS[2:11]:
             row[key] = metrics.get(key)
+        row["geometry"] = (metrics.get("geometry") or {}).get("mode", "resize")
     elif row["status"] == "failed":
         row["error"] = results.read_error(folder)
     return row
@@ -94,8 +108,9 @@ def row_for(pair: Pair, out: Path) -> dict:
 def run_benchmark(data: str | Path, models: list[str], categories: list[str] | None,
                   out: str | Path, preset: str | None = None, force: bool = False,
                   pixel_size: int | None = None, settings: dict[str, str] | None = None,
-                  progress=None) -> list[dict]:
-    """Fit and test each pair; ``settings`` (KEY -> VALUE) override every model's preset.
+                  progress=None, geometry: Geometry | None = None) -> list[dict]:
+    """Fit and test each pair; ``settings`` (KEY -> VALUE) override every model's preset;
+    ``geometry`` (default ``resize``) is how every model sees images.
 
     ``progress`` (e.g. ``print``) gets one line as each pair starts and ends, for logs and
     redirected output where a progress bar shows nothing.
@@ -116,7 +131,7 @@ def run_benchmark(data: str | Path, models: list[str], categories: list[str] | N
         say(f"{label}: fitting and testing")
         start = time.perf_counter()
         try:
-            run_pair(pair, out, preset, pixel_size, settings)
+            run_pair(pair, out, preset, pixel_size, settings, geometry)
             say(f"{label}: done in {time.perf_counter() - start:.0f} s")
         except Exception as exc:  # one failing pair must not stop the others
             log.error("%s on %s failed: %s", pair.model, pair.category.name, exc)
@@ -148,7 +163,7 @@ def _fmt(value) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    cols = COLUMNS[:10] + ["status"]
+    cols = COLUMNS[:12] + ["status"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"

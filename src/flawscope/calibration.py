@@ -68,25 +68,31 @@ def calibration_record(scores: np.ndarray, maps: np.ndarray, method: str) -> dic
     ``map_max_per_image`` (the largest map value of each image) sets the pixel threshold of
     defect regions (:func:`flawscope.threshold.pixel_threshold`).
     """
-    maps = np.asarray(maps, dtype=np.float32)
+    # A list of maps of different sizes in a tiled geometry, else one array.
+    per_image = [float(np.max(m)) for m in maps]
+    pixels = np.concatenate([np.asarray(m, dtype=np.float32).ravel() for m in maps])
     return {
         "method": method,
         "n_images": int(len(scores)),
         "scores": [float(s) for s in scores],
-        "map_p50": float(np.percentile(maps, 50)),
-        "map_p99": float(np.percentile(maps, 99)),
-        "map_max": float(maps.max()),
-        "map_max_per_image": [float(v) for v in maps.reshape(len(maps), -1).max(1)],
+        "map_p50": float(np.percentile(pixels, 50)),
+        "map_p99": float(np.percentile(pixels, 99)),
+        "map_max": float(pixels.max()),
+        "map_max_per_image": per_image,
     }
 
 
-def resolve_method(model: AnomalyModel, method: str, n_images: int) -> str:
-    """The method ``auto`` stands for, or a clear error for one the model cannot do."""
+def resolve_method(model: AnomalyModel, method: str, n_images: int,
+                   tiled: bool = False) -> str:
+    """The method ``auto`` stands for, or a clear error for one the model cannot do.
+    Leave-one-out works per fitted image, so not in a tiled geometry (a model fitted on
+    tiles would leave out one tile, not one image)."""
     if method not in METHODS:
         raise FlawscopeError(f"calibration {method!r}: choose from {', '.join(METHODS)}")
+    loo_ok = model.supports_leave_one_out and not tiled
     if method == "auto":
-        return "loo" if model.supports_leave_one_out and n_images >= 3 else "holdout"
-    if method == "loo" and not model.supports_leave_one_out:
+        return "loo" if loo_ok and n_images >= 3 else "holdout"
+    if method == "loo" and not loo_ok:
         raise FlawscopeError(f"model {model.name!r} has no leave-one-out scores; use "
                              "--calibration holdout or kfold")
     return method
@@ -99,9 +105,11 @@ def kfold_indices(n: int, folds: int, seed: int) -> list[np.ndarray]:
 
 
 def _fit(make_model: Callable[[], AnomalyModel], paths: Sequence[Path],
-         workdir: Path | None) -> tuple[AnomalyModel, ImageDataset, float]:
+         workdir: Path | None, geometry=None) -> tuple[AnomalyModel, ImageDataset, float]:
+    from .geometry import Geometry, training_dataset
+
     model = make_model()
-    dataset = ImageDataset(list(paths), model.image_size)
+    dataset = training_dataset(list(paths), geometry or Geometry(), model.image_size)
     torch.manual_seed(int(model.config.seed))
     start = time.perf_counter()
     model.fit(dataset, workdir=workdir)
@@ -110,7 +118,7 @@ def _fit(make_model: Callable[[], AnomalyModel], paths: Sequence[Path],
 
 def calibrate(make_model: Callable[[], AnomalyModel], paths: Sequence[Path],
               method: str = "auto", holdout: float = 0.1, folds: int = DEFAULT_FOLDS,
-              seed: int = 0, workdir: Path | None = None) -> Calibrated:
+              seed: int = 0, workdir: Path | None = None, geometry=None) -> Calibrated:
     """Fit a model made by ``make_model`` on good images and calibrate it by ``method``.
 
     ``holdout`` is the fraction held out by the ``holdout`` method (fewer than 10 images are
@@ -120,11 +128,13 @@ def calibrate(make_model: Callable[[], AnomalyModel], paths: Sequence[Path],
     from .pipeline import score_paths, split_holdout
 
     paths = list(paths)
-    method = resolve_method(make_model(), method, len(paths))
+    method = resolve_method(make_model(), method, len(paths),
+                            geometry is not None and geometry.tiled)
     if method == "holdout":
         fit_paths, held = split_holdout(paths, holdout, seed)
-        model, _, fit_s = _fit(make_model, fit_paths, workdir)
-        record = (calibration_record(*score_paths(model, held, desc="held-out"), "holdout")
+        model, _, fit_s = _fit(make_model, fit_paths, workdir, geometry)
+        record = (calibration_record(*score_paths(model, held, desc="held-out",
+                                                  geometry=geometry), "holdout")
                   if held else None)
         return Calibrated(model, record, "holdout", len(fit_paths), len(held), fit_s)
     if method == "kfold":
@@ -133,17 +143,18 @@ def calibrate(make_model: Callable[[], AnomalyModel], paths: Sequence[Path],
             raise FlawscopeError(f"k-fold calibration needs at least 2 good images, got "
                                  f"{len(paths)}")
         scores = np.zeros(len(paths), dtype=np.float64)
-        maps: np.ndarray | None = None
+        maps: list = [None] * len(paths)  # per image: sizes differ in a tiled geometry
         for f, part in enumerate(kfold_indices(len(paths), k, seed)):
             inside = set(part.tolist())
             log.info("calibration fold %d of %d", f + 1, k)
             fold_model, _, _ = _fit(make_model, [p for i, p in enumerate(paths)
-                                                 if i not in inside], None)
-            s, m = score_paths(fold_model, [paths[i] for i in part], desc=f"fold {f + 1}")
-            if maps is None:
-                maps = np.zeros((len(paths), *m.shape[1:]), dtype=np.float32)
-            scores[part], maps[part] = s, m
-        model, _, fit_s = _fit(make_model, paths, workdir)
+                                                 if i not in inside], None, geometry)
+            s, m = score_paths(fold_model, [paths[i] for i in part], desc=f"fold {f + 1}",
+                               geometry=geometry)
+            scores[part] = s
+            for i, image_map in zip(part, m, strict=True):
+                maps[i] = image_map
+        model, _, fit_s = _fit(make_model, paths, workdir, geometry)
         return Calibrated(model, calibration_record(scores, maps, "kfold"), "kfold",
                           len(paths), 0, fit_s)
     model, dataset, fit_s = _fit(make_model, paths, workdir)

@@ -78,6 +78,36 @@ def _split(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def _geometry_options(command):
+    """--geometry, --max-side and --tile-size (see flawscope.geometry)."""
+    options = [
+        click.option("--geometry", type=click.Choice(["resize", "keep_aspect", "tile"]),
+                     default="resize", show_default=True,
+                     help="How images become model inputs: resize squashes the whole image "
+                          "to the model's size; keep_aspect scales its longer side to "
+                          "--max-side and covers it with tiles; tile cuts the image at "
+                          "--max-side (native by default) into overlapping tiles."),
+        click.option("--max-side", type=click.IntRange(min=0), default=None,
+                     help="Longer side of the working image in pixels, 0 = the image's own "
+                          "size [default: the model's size for keep_aspect, 0 for tile]."),
+        click.option("--tile-size", type=click.IntRange(min=32), default=None,
+                     help="Tile side in pixels (sets the model's image_size) [default: the "
+                          "model's image_size]."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _with_tile_size(settings: dict[str, str], tile_size: int | None) -> dict[str, str]:
+    if tile_size is None:
+        return settings
+    if "image_size" in settings and int(settings["image_size"]) != tile_size:
+        raise FlawscopeError(f"--tile-size {tile_size} and --set image_size="
+                             f"{settings['image_size']} disagree (the tile is the model input)")
+    return {**settings, "image_size": str(tile_size)}
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="flawscope")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
@@ -144,19 +174,30 @@ def synth(out: Path, seed: int, size: int, n_train: int, test_good: int, test_de
               type=click.FloatRange(0, 0.5, min_open=True, max_open=True),
               help="Target fraction of good parts flagged; sets the decision threshold from "
                    "the held-out good images only.")
+@click.option("--calibration", type=click.Choice(["holdout", "auto", "loo", "kfold"]),
+              default="holdout", show_default=True,
+              help="How the good images' calibration scores are made: holdout (score the "
+                   "--holdout images), loo (every image, scored by the model without it: "
+                   "padim, gaussian, patchcore with coreset=exact), kfold, or auto (loo where "
+                   "the model has it).")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Model directory to write (replaced atomically if it exists).")
+@_geometry_options
 def fit(data: Path, model_name: str, preset: str | None, settings: tuple[str, ...],
-        holdout: float, max_false_alarm: float, out: Path) -> None:
+        holdout: float, max_false_alarm: float, calibration: str, out: Path, geometry: str,
+        max_side: int | None, tile_size: int | None) -> None:
     """Fit a model on good images and save it.
 
     The decision threshold is set from held-out good images for the --max-false-alarm rate;
-    change it later with `flawscope threshold`.
+    change it later with `flawscope threshold`. The --geometry is saved with the model and
+    used wherever it scores (test, predict, serve, report).
     """
+    from .geometry import Geometry
     from .pipeline import fit_model
 
-    result = fit_model(data, model_name, out, preset, _parse_settings(settings), holdout,
-                       max_false_alarm)
+    overrides = _with_tile_size(_parse_settings(settings), tile_size)
+    result = fit_model(data, model_name, out, preset, overrides, holdout, max_false_alarm,
+                       calibration, geometry=Geometry(geometry, max_side))
     click.echo(f"fitted {model_name} on {result.n_train} images in {result.fit_s:.1f} s "
                f"({result.n_holdout} held out); saved to {out}")
     click.echo(_threshold_line(result.threshold, warn=False))  # the pipeline logged it
@@ -321,8 +362,11 @@ def threshold_cmd(model_dir: Path, method: str | None, max_false_alarm: float,
     else:
         if data is None:
             raise FlawscopeError("--method f1 needs --data with labelled images")
+        from .geometry import Geometry
+
         model, _ = load_model(model_dir)
-        record = th.from_validation(model, data, good)
+        geometry = Geometry.from_manifest(manifest).resolved(model.image_size)
+        record = th.from_validation(model, data, good, geometry)
     update_manifest(model_dir, threshold=record)
     click.echo(_threshold_line(record))
 
@@ -369,17 +413,21 @@ def export_cmd(model_dir: Path, fmt: str, out: Path | None) -> None:
 @click.option("--pixel-size", default="native", show_default=True, callback=_pixel_size,
               help="Resolution of pixel metrics: `native` (each mask's own size) or N for "
                    "N x N.")
+@_geometry_options
 def benchmark(data: Path, models: str, categories: str | None, preset: str | None, out: Path,
-              force: bool, settings: tuple[str, ...], pixel_size: int | None) -> None:
+              force: bool, settings: tuple[str, ...], pixel_size: int | None, geometry: str,
+              max_side: int | None, tile_size: int | None) -> None:
     """Fit and test every model on every category; resumable, one failure does not stop it.
 
     Writes OUT/results.csv, OUT/results.md and OUT/report.html (rebuild the report later with
     `flawscope report OUT`).
     """
     from .benchmark import markdown_table, run_benchmark
+    from .geometry import Geometry
 
     rows = run_benchmark(data, _split(models) or [], _split(categories), out, preset, force,
-                         pixel_size, _parse_settings(settings), progress=_progress_lines())
+                         pixel_size, _with_tile_size(_parse_settings(settings), tile_size),
+                         progress=_progress_lines(), geometry=Geometry(geometry, max_side))
     click.echo(markdown_table(rows))
     click.echo(f"report: {out / 'report.html'}")
     failed = [r for r in rows if r["status"] != "ok"]

@@ -14,7 +14,9 @@ the masks (without it a category is evaluated at image level only).
 A *root* folder holds several categories side by side, at any depth (symlinks are followed).
 Images may be grayscale or RGB, PNG/JPEG/BMP/TIFF, of different sizes; everything is
 delivered as RGB resized to the model's square input size (masks with nearest neighbour,
-binarized), because every model in flawscope works on a fixed-size 3-channel tensor.
+binarized), because every model in flawscope works on a fixed-size 3-channel tensor. That is
+the ``resize`` geometry; :mod:`flawscope.geometry` cuts images into such tensors (tiles)
+instead, keeping their aspect and resolution.
 Nothing is ever written into a dataset folder.
 """
 

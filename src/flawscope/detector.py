@@ -36,8 +36,9 @@ import torch
 from PIL import Image
 
 from . import visualize
-from .data import DEFAULT_MAX_PIXELS, MIN_SIDE, as_image, image_to_tensor
-from .errors import FlawscopeError
+from .data import DEFAULT_MAX_PIXELS, MIN_SIDE, as_image
+from .errors import FlawscopeError, ModelFileError
+from .geometry import Geometry, score_images
 from .modelfile import load_model, save_model
 from .models import AnomalyModel
 from .models.base import resize_maps
@@ -127,6 +128,13 @@ class Detector:
         self.engine = engine
         self.warmup_s: float | None = None
         self.decision: Decision = decision_for(self.manifest)
+        #: How images become model inputs (:mod:`flawscope.geometry`); ``resize`` when the
+        #: manifest records none.
+        try:
+            self.geometry = Geometry.from_manifest(self.manifest).resolved(model.image_size)
+        except FlawscopeError as exc:
+            where = self.directory if self.directory is not None else "model"
+            raise ModelFileError(f"{where}: {exc}") from None
         #: Size rule for every image predicted (see :func:`flawscope.data.check_dimensions`).
         self.max_pixels, self.min_side = DEFAULT_MAX_PIXELS, MIN_SIDE
 
@@ -134,15 +142,23 @@ class Detector:
     @classmethod
     def fit(cls, data, model: str = "patchcore", preset: str | None = None, *,
             out: str | Path | None = None, holdout: float = DEFAULT_HOLDOUT,
-            max_false_alarm: float = DEFAULT_MAX_FALSE_ALARM, **settings: Any) -> Detector:
+            max_false_alarm: float = DEFAULT_MAX_FALSE_ALARM, calibration: str = "holdout",
+            geometry: Geometry | str | None = None, **settings: Any) -> Detector:
         """Learn normal from good images and set the threshold from held-out good ones.
 
         ``data``: an MVTec-layout category folder (its ``train/good``), a plain folder of good
         images, or a list of images (paths, PIL images or arrays). ``settings`` override the
         model's Config fields (see ``flawscope models``). With ``out`` the model is also saved
-        there (and training checkpoints let an interrupted fit resume).
+        there (and training checkpoints let an interrupted fit resume). ``calibration``:
+        ``holdout``, ``loo``, ``kfold`` or ``auto`` (see :mod:`flawscope.calibration`).
+        ``geometry``: how
+        images become model inputs, a :class:`~flawscope.geometry.Geometry` or a mode name
+        (``"resize"``, the default; ``"keep_aspect"``; ``"tile"`` at native resolution).
         """
-        result = fit_model(data, model, out, preset, settings, holdout, max_false_alarm)
+        if isinstance(geometry, str):
+            geometry = Geometry(geometry)
+        result = fit_model(data, model, out, preset, settings, holdout, max_false_alarm,
+                           calibration, geometry=geometry)
         manifest = result.manifest_fields | {"model": result.model.name}
         return cls(result.model, manifest, out)
 
@@ -168,8 +184,8 @@ class Detector:
 
     def save(self, directory: str | Path) -> Path:
         """Write the model and its threshold to ``directory`` (atomically)."""
-        fields = {k: self.manifest[k] for k in ("fit_info", "calibration", "threshold")
-                  if k in self.manifest}
+        fields = {k: self.manifest[k] for k in ("fit_info", "calibration", "threshold",
+                                                "geometry") if k in self.manifest}
         path = save_model(self.model, directory, extra=fields)
         self.directory = Path(directory)
         return path
@@ -229,13 +245,10 @@ class Detector:
     def _score_pending(self, pending: list, keep_images: bool) -> Iterator[Prediction]:
         decoded = [im for _, im, _ in pending if im is not None]
         results: list[tuple[float, np.ndarray]] = []
-        if decoded:
-            size = self.model.image_size
-            batch = torch.stack([image_to_tensor(im, size) for im in decoded])
-            scores, maps = self.model.score_tensor(batch, self.engine)
-            for im, score, amap in zip(decoded, scores, maps, strict=True):
-                full = resize_maps(amap[None], (im.height, im.width))[0].numpy()
-                results.append((float(score), full))
+        scored_images = score_images(self.model, decoded, self.geometry, self.engine)
+        for im, (score, amap) in zip(decoded, scored_images, strict=True):
+            full = resize_maps(amap[None], (im.height, im.width))[0].numpy()
+            results.append((score, full))
         calibration = self.manifest.get("calibration")
         scored = iter(results)
         for source, im, error in pending:
@@ -254,7 +267,7 @@ class Detector:
         writes (metrics, the stored threshold's false-alarm and detection rates, timings).
         With ``out``, the results folder is written as ``flawscope test`` writes it."""
         evaluation = evaluate(self.model, data, pixel_size, batch_size, self.manifest,
-                              self.engine)
+                              self.engine, self.geometry)
         evaluation.metrics["model_dir"] = str(self.directory) if self.directory else None
         evaluation.metrics["engine"] = self.engine_name
         # The one-time cost of the first image, apart from the warm images/s above.

@@ -164,6 +164,8 @@ def _metadata(model: AnomalyModel, manifest: dict[str, Any]) -> dict[str, str]:
                                  "scale": threshold.get("scale"),
                                  "method": threshold.get("method")}),
         "normalized_score": "1 / (1 + exp(-(score - threshold.value) / threshold.scale))",
+        # How images become inputs (flawscope.geometry); "resize" where none is recorded.
+        "geometry": json.dumps(manifest.get("geometry") or {"mode": "resize"}),
     }
 
 

@@ -104,6 +104,14 @@ def _thumb(image: Image.Image) -> Image.Image:
                         Image.BILINEAR)
 
 
+def _aspect_kept(image: Image.Image, side: int) -> Image.Image:
+    """The image with its longer side at ``side`` pixels and its own shape (the maps, stored
+    square, are stretched back onto it by :func:`heatmap_overlay`)."""
+    scale = side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image if image.size == size else image.resize(size, Image.BILINEAR)
+
+
 def _outline_only(image: Image.Image, mask: np.ndarray) -> Image.Image:
     """The image with only the ground-truth outline drawn (no heat map)."""
     zero = np.zeros(mask.shape, dtype=np.float32)
@@ -128,7 +136,7 @@ def _gallery_entries(evaluation: Evaluation, indices: dict[str, list[int]],
         sections[section] = []
         for i in chosen:
             if i not in drawn:
-                image = read_image(evaluation.paths[i]).resize((size, size), Image.BILINEAR)
+                image = _aspect_kept(read_image(evaluation.paths[i]), size)
                 mask = evaluation.masks[i]
                 drawn[i] = {
                     "index": i, "file": evaluation.paths[i].name,

@@ -2,7 +2,8 @@
 
 A model directory holds ``weights.safetensors`` and ``manifest.json``. The manifest names the
 model, its config and preset, the flawscope version and format version, the decision
-threshold and a SHA-256 of the weights file. Loading checks the checksum and the format
+threshold, the image geometry (:mod:`flawscope.geometry`; absent means ``resize``) and a
+SHA-256 of the weights file. Loading checks the checksum and the format
 version and never executes code from the files (no pickle anywhere). Saving is atomic: the
 new directory is written beside the old one (other files of the old one, such as training
 pictures, are hard-linked into it, so the old one is never touched) and swapped in with two

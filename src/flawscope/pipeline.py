@@ -24,8 +24,19 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import __version__
-from .data import Category, ImageDataset, TestDataset, collate_test, open_category
+from .data import (
+    Category,
+    ImageDataset,
+    TestDataset,
+    as_image,
+    collate_test,
+    open_category,
+    open_checked,
+    read_image,
+    read_mask,
+)
 from .errors import FlawscopeError
+from .geometry import Geometry, score_images
 from .metrics import compute_all
 from .modelfile import save_model
 from .models import AnomalyModel, get_model_class
@@ -76,10 +87,16 @@ def split_holdout(paths: list, fraction: float, seed: int) -> tuple[list, list]:
 
 @torch.no_grad()
 def score_paths(model: AnomalyModel, paths: list, batch_size: int = 16,
-                desc: str = "scoring", engine: Engine | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Scores and maps (at the model's resolution, float32) of images (paths, PIL images or
-    arrays)."""
+                desc: str = "scoring", engine: Engine | None = None,
+                geometry: Geometry | None = None) -> tuple[np.ndarray, np.ndarray | list]:
+    """Scores and maps (float32) of images (paths, PIL images or arrays): an ``(N, S, S)``
+    array at the model's resolution for ``resize``, else a list of maps at each image's
+    working resolution (see :mod:`flawscope.geometry`)."""
+    if geometry is not None and geometry.tiled:
+        scored = [score_images(model, [as_image(p)], geometry, engine, batch_size)[0]
+                  for p in tqdm(paths, desc=desc, leave=False, disable=None)]
+        return (np.array([s for s, _ in scored], dtype=np.float32),
+                [m.numpy() for _, m in scored])
     loader = torch.utils.data.DataLoader(ImageDataset(paths, model.image_size),
                                          batch_size=batch_size)
     scores, maps = [], []
@@ -105,17 +122,6 @@ def check_scores_usable(scores: np.ndarray, what: str) -> None:
                              "collapsed); the model was not saved")
 
 
-def calibration_from(scores: np.ndarray, maps: np.ndarray) -> dict[str, Any]:
-    """What normal looks like on held-out good images: their scores and map statistics."""
-    return {
-        "n_images": int(len(scores)),
-        "scores": [float(s) for s in scores],
-        "map_p50": float(np.percentile(maps, 50)),
-        "map_p99": float(np.percentile(maps, 99)),
-        "map_max": float(maps.max()),
-    }
-
-
 @dataclass
 class FitResult:
     model: AnomalyModel
@@ -126,12 +132,13 @@ class FitResult:
     calibration: dict[str, Any] | None = None
     threshold: dict[str, Any] | None = None
     fit_info: dict[str, Any] = field(default_factory=dict)
+    geometry: Geometry = field(default_factory=Geometry)
 
     @property
     def manifest_fields(self) -> dict[str, Any]:
         """What the model directory's manifest records about this fit."""
         return {"fit_info": self.fit_info, "calibration": self.calibration,
-                "threshold": self.threshold}
+                "threshold": self.threshold, "geometry": self.geometry.to_dict()}
 
 
 def good_images(data: str | Path | Sequence) -> tuple[list, str]:
@@ -153,7 +160,8 @@ def fit_model(data: str | Path | Sequence, model_name: str, out_dir: str | Path 
               preset: str | None = None, overrides: dict[str, Any] | None = None,
               holdout: float = DEFAULT_HOLDOUT,
               max_false_alarm: float = DEFAULT_MAX_FALSE_ALARM,
-              calibration: str = "holdout", folds: int = 5) -> FitResult:
+              calibration: str = "holdout", folds: int = 5,
+              geometry: Geometry | None = None) -> FitResult:
     """Fit ``model_name`` on good images (see :func:`good_images`), calibrate it and, with
     ``out_dir``, save it there.
 
@@ -161,26 +169,30 @@ def fit_model(data: str | Path | Sequence, model_name: str, out_dir: str | Path 
     the good images' calibration scores are made; the decision threshold is set from them for
     a false-alarm rate of ``max_false_alarm`` (see :mod:`flawscope.threshold`). Without
     ``out_dir`` nothing is written (training checkpoints go to a temporary folder).
+    ``geometry`` (default ``resize``) says how images become model inputs
+    (:mod:`flawscope.geometry`); it is saved in the manifest with its defaults filled in.
     """
     from .calibration import calibrate
 
     check_alpha(max_false_alarm)
     # The model first: a typo in its name or settings fails before any image is read.
     cls = get_model_class(model_name)
-    seed = int(cls.from_settings(preset, overrides).config.seed)
+    probe = cls.from_settings(preset, overrides)
+    seed = int(probe.config.seed)
+    geometry = (geometry or Geometry()).resolved(probe.image_size)
     images, source = good_images(data)
     log.info("fitting %s on %d good images of %s (calibration: %s)", model_name, len(images),
              source, calibration)
     with tempfile.TemporaryDirectory(prefix="flawscope-fit-") as scratch:
         workdir = Path(out_dir) / "training" if out_dir is not None else Path(scratch)
         result = calibrate(lambda: cls.from_settings(preset, overrides), images, calibration,
-                           holdout, folds, seed, workdir=workdir)
+                           holdout, folds, seed, workdir=workdir, geometry=geometry)
     model, fit_s, record = result.model, result.fit_s, result.calibration
     if record is not None:
         check_scores_usable(np.asarray(record["scores"]), "the good calibration images")
     else:
-        check_scores_usable(score_paths(model, images[:8], desc="checking")[0],
-                            "training images")
+        check_scores_usable(score_paths(model, images[:8], desc="checking",
+                                        geometry=geometry)[0], "training images")
     fit_info = {"fit_s": fit_s, "n_train": result.n_fit, "n_holdout": result.n_holdout,
                 "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
                 "data": source, "calibration": result.method}
@@ -188,7 +200,7 @@ def fit_model(data: str | Path | Sequence, model_name: str, out_dir: str | Path 
     if threshold["warning"]:
         log.warning("%s", threshold["warning"])
     result = FitResult(model, Path(out_dir) if out_dir is not None else None, fit_s,
-                       result.n_fit, result.n_holdout, record, threshold, fit_info)
+                       result.n_fit, result.n_holdout, record, threshold, fit_info, geometry)
     if out_dir is not None:
         save_model(model, out_dir, extra=result.manifest_fields)
     return result
@@ -216,7 +228,7 @@ class Evaluation:
 @torch.no_grad()
 def evaluate(model: AnomalyModel, data_dir: str | Path, pixel_size: int | None = None,
              batch_size: int = 16, manifest: dict[str, Any] | None = None,
-             engine: Engine | None = None) -> Evaluation:
+             engine: Engine | None = None, geometry: Geometry | None = None) -> Evaluation:
     """Score every test image of a category and compute all metrics.
 
     Only ``test/`` (and ``ground_truth/`` where it exists) is read. Pixel metrics compare each
@@ -225,7 +237,9 @@ def evaluate(model: AnomalyModel, data_dir: str | Path, pixel_size: int | None =
     (:class:`~flawscope.pixelmetrics.PixelMetrics`), so memory does not grow with the pixel
     count. ``manifest`` (the model directory's) adds the stored decision threshold's
     false-alarm and detection rates and the fit's figures. ``infer_s`` counts only the model's
-    scoring (not image decoding), so images/s compares models rather than disks.
+    scoring (not image decoding), so images/s compares models rather than disks. ``geometry``
+    (default: the manifest's, else ``resize``) says how images become model inputs; in a
+    tiled geometry each image's map is stitched at its working resolution first.
     """
     category = open_category(data_dir, train=False, test=True)
     items = category.require_test()
@@ -234,6 +248,13 @@ def evaluate(model: AnomalyModel, data_dir: str | Path, pixel_size: int | None =
     masks = np.zeros((n, size, size), dtype=bool)
     scores = np.zeros(n, dtype=np.float64)
     pixels = PixelMetrics() if category.has_masks else None
+    if geometry is None:
+        geometry = Geometry.from_manifest(manifest or {})
+    if geometry.tiled:
+        infer_s = _evaluate_tiled(model, items, geometry, pixel_size, batch_size, engine,
+                                  scores, maps, masks, pixels, category.name)
+        return _finish(model, category, items, scores, maps, masks, infer_s, manifest,
+                       data_dir, pixel_size, pixels)
     loader = torch.utils.data.DataLoader(TestDataset(items, size, pixel_size),
                                          batch_size=batch_size, collate_fn=collate_test)
     infer_s = 0.0
@@ -244,12 +265,48 @@ def evaluate(model: AnomalyModel, data_dir: str | Path, pixel_size: int | None =
         infer_s += time.perf_counter() - start
         for j, i in enumerate(indices):
             scores[i], maps[i] = float(s[j]), m[j].numpy()
-            mask = batch_masks[j]
-            if mask is not None:
-                masks[i] = np.asarray(Image.fromarray(mask).resize((size, size),
-                                                                   Image.NEAREST))
+            _add_mask(masks, i, batch_masks[j], size)
             if pixels is not None:
-                pixels.add(resize_maps(m[j][None], targets[j])[0].numpy(), mask)
+                pixels.add(resize_maps(m[j][None], targets[j])[0].numpy(), batch_masks[j])
+    return _finish(model, category, items, scores, maps, masks, infer_s, manifest, data_dir,
+                   pixel_size, pixels)
+
+
+def _add_mask(masks: np.ndarray, i: int, mask: np.ndarray | None, size: int) -> None:
+    """Keep a mask at the pictures' size (nearest neighbour)."""
+    if mask is not None:
+        masks[i] = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
+
+
+def _evaluate_tiled(model: AnomalyModel, items: list, geometry: Geometry,
+                    pixel_size: int | None, batch_size: int, engine: Engine | None,
+                    scores: np.ndarray, maps: np.ndarray, masks: np.ndarray,
+                    pixels: PixelMetrics | None, name: str) -> float:
+    """Fill ``scores``, ``maps``, ``masks`` and the pixel metrics image by image in a tiled
+    geometry; returns the seconds spent scoring (tiling and stitching included, decoding
+    not)."""
+    size = model.image_size
+    infer_s = 0.0
+    for i, item in enumerate(tqdm(items, desc=f"testing {name}", leave=False, disable=None)):
+        image = read_image(item.path)
+        start = time.perf_counter()
+        [(score, amap)] = score_images(model, [image], geometry, engine, batch_size)
+        infer_s += time.perf_counter() - start
+        scores[i] = score
+        maps[i] = resize_maps(amap[None], (size, size))[0].numpy()
+        target = ((image.height, image.width) if pixel_size is None
+                  else (pixel_size, pixel_size))
+        mask = None if item.mask_path is None else read_mask(item.mask_path, pixel_size)
+        _add_mask(masks, i, mask, size)
+        if pixels is not None:
+            pixels.add(resize_maps(amap[None], target)[0].numpy(), mask)
+    return infer_s
+
+
+def _finish(model: AnomalyModel, category: Category, items: list, scores: np.ndarray,
+            maps: np.ndarray, masks: np.ndarray, infer_s: float,
+            manifest: dict[str, Any] | None, data_dir: str | Path,
+            pixel_size: int | None, pixels: PixelMetrics | None) -> Evaluation:
     labels = np.array([int(t.is_anomalous) for t in items])
     defect_types = [t.defect_type for t in items]
     metrics = compute_all(labels, scores, defect_types)
@@ -259,6 +316,17 @@ def evaluate(model: AnomalyModel, data_dir: str | Path, pixel_size: int | None =
     evaluation.metrics = metrics_record(metrics, evaluation, model, manifest or {}, data_dir,
                                         pixel_size)
     return evaluation
+
+
+def _mpix_per_s(evaluation: Evaluation) -> float | None:
+    """Megapixels of the test images (at their own size) scored per second."""
+    if evaluation.infer_s <= 0:
+        return None
+    pixels = 0
+    for path in evaluation.paths:
+        with open_checked(path, path, min_side=1) as im:
+            pixels += im.width * im.height
+    return pixels / 1e6 / evaluation.infer_s
 
 
 def metrics_record(metrics: dict[str, Any], evaluation: Evaluation, model: AnomalyModel,
@@ -280,7 +348,9 @@ def metrics_record(metrics: dict[str, Any], evaluation: Evaluation, model: Anoma
         "pixel_size": (None if not evaluation.category.has_masks
                        else "native" if pixel_size is None else pixel_size),
         "fit_s": fit_info.get("fit_s"),
+        "geometry": Geometry.from_manifest(manifest).to_dict(),
         "infer_s": evaluation.infer_s,
+        "infer_mpix_per_s": _mpix_per_s(evaluation),
         "infer_img_per_s": n / evaluation.infer_s if evaluation.infer_s > 0 else None,
         **rates(threshold, evaluation.labels, evaluation.scores),
         "threshold_n_good": threshold.get("n_good"),

@@ -371,12 +371,15 @@ def labelled_images(folder: str | Path) -> list[tuple[Path, int]]:
 
 
 def from_validation(model, folder: str | Path,
-                    good_reference: Sequence[float] | None = None) -> dict[str, Any]:
-    """Score the labelled images under ``folder`` and set the threshold at F1-max."""
+                    good_reference: Sequence[float] | None = None,
+                    geometry=None) -> dict[str, Any]:
+    """Score the labelled images under ``folder`` (in the model's ``geometry``, see
+    :mod:`flawscope.geometry`) and set the threshold at F1-max."""
     from .pipeline import score_paths
 
     items = labelled_images(folder)
-    scores, _ = score_paths(model, [p for p, _ in items], desc="validation")
+    scores, _ = score_paths(model, [p for p, _ in items], desc="validation",
+                            geometry=geometry)
     record = from_labelled_scores([label for _, label in items], scores, good_reference)
     record["data"] = str(folder)
     return record
