@@ -57,6 +57,17 @@ def _split(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def _ray_options(f):
+    """--ray, --ray-address and --cpus-per-task, shared by `predict` and `benchmark`."""
+    f = click.option("--cpus-per-task", default=1, show_default=True, type=click.IntRange(1),
+                     help="With Ray: CPUs (and threads) each task or actor holds.")(f)
+    f = click.option("--ray-address", default=None, metavar="HOST:PORT",
+                     help="Run on the Ray cluster at this address (`ray start --head` "
+                          "prints it); data and --out must be on storage every node sees.")(f)
+    return click.option("--ray", "use_ray", is_flag=True,
+                        help="Run on a local Ray instance (pip install 'flawscope[ray]').")(f)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="flawscope")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
@@ -214,9 +225,17 @@ def _metrics_table(m: dict) -> str:
 @click.option("--save-maps", type=click.Choice(["npy", "tiff"]), default=None,
               help="Also write the raw anomaly map (float32, at the image's size) per image.")
 @click.option("--batch-size", default=8, show_default=True, help="Images scored at once.")
+@_ray_options
+@click.option("--workers", default=None, type=click.IntRange(1),
+              help="With Ray: scoring actors (default: as many as the cluster's CPUs allow).")
+@click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(1),
+              help="With Ray: inputs per output file (the unit of retry and resume).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet"]), default="jsonl",
+              show_default=True, help="With Ray: format of the prediction shards.")
 def predict(model_dir: Path, inputs: tuple[Path, ...], out: Path, recursive: bool,
             on_error: str, heatmaps: bool, annotate: bool, save_maps: str | None,
-            batch_size: int) -> None:
+            batch_size: int, use_ray: bool, ray_address: str | None, cpus_per_task: int,
+            workers: int | None, shard_size: int, fmt: str) -> None:
     """Score new images (files or folders) and write their heat maps.
 
     Prints one line per image and writes OUT/predictions.jsonl (one JSON record per input,
@@ -227,7 +246,16 @@ def predict(model_dir: Path, inputs: tuple[Path, ...], out: Path, recursive: boo
     `is_anomalous` (score > threshold; null when the model has no threshold), `threshold`,
     the image's `width` and `height`, and `error` (null, or why the file could not be read).
     Non-image files in folders are skipped with a warning.
+
+    With --ray or --ray-address, scoring runs on Ray Data: INPUTS may also be list files
+    (.txt, one image path per line), and OUT gets predictions/part-NNNNNN.jsonl (one record
+    per input, the same fields) written shard by shard; a rerun scores only missing shards.
     """
+    if use_ray or ray_address:
+        _predict_on_ray(model_dir, inputs, out, recursive, on_error, heatmaps, annotate,
+                        save_maps, batch_size, ray_address, cpus_per_task, workers,
+                        shard_size, fmt)
+        return
     from .detector import Detector
     from .predict_files import PredictionWriter, collect_inputs
 
@@ -255,6 +283,29 @@ def predict(model_dir: Path, inputs: tuple[Path, ...], out: Path, recursive: boo
                f"{out / 'predictions.jsonl'}")
     if failed:
         click.echo(f"{failed} file(s) could not be read (see the `error` field)", err=True)
+        sys.exit(PREDICT_SOME_FAILED)
+
+
+def _predict_on_ray(model_dir: Path, inputs: tuple[Path, ...], out: Path, recursive: bool,
+                    on_error: str, heatmaps: bool, annotate: bool, save_maps: str | None,
+                    batch_size: int, ray_address: str | None, cpus_per_task: int,
+                    workers: int | None, shard_size: int, fmt: str) -> None:
+    from . import cluster
+
+    if on_error == "stop":
+        raise FlawscopeError("--on-error stop is not supported with Ray: unreadable files "
+                             "are recorded with an `error` field")
+    summary = cluster.predict(model_dir, inputs, out, address=ray_address, recursive=recursive,
+                              cpus_per_task=cpus_per_task, workers=workers,
+                              batch_size=batch_size, shard_size=shard_size, heatmaps=heatmaps,
+                              annotate=annotate, maps=save_maps, fmt=fmt,
+                              progress=lambda line: click.echo(line, err=True))
+    click.echo(f"{summary.n_inputs - summary.n_failed} of {summary.n_inputs} images scored "
+               f"({summary.scored_images} in this run, {summary.images_per_s:.1f} images/s); "
+               f"wrote {summary.n_shards} shard(s) in {out / 'predictions'}")
+    if summary.n_failed:
+        click.echo(f"{summary.n_failed} file(s) could not be read (see the `error` field)",
+                   err=True)
         sys.exit(PREDICT_SOME_FAILED)
 
 
@@ -334,17 +385,30 @@ def export_cmd(model_dir: Path, fmt: str, out: Path | None) -> None:
                    "are kept: use a new --out or --force.")
 @click.option("--pixel-size", default=256, show_default=True,
               help="Resolution of pixel metrics.")
+@_ray_options
 def benchmark(data: Path, models: str, categories: str | None, preset: str | None, out: Path,
-              force: bool, settings: tuple[str, ...], pixel_size: int) -> None:
+              force: bool, settings: tuple[str, ...], pixel_size: int, use_ray: bool,
+              ray_address: str | None, cpus_per_task: int) -> None:
     """Fit and test every model on every category; resumable, one failure does not stop it.
 
     Writes OUT/results.csv, OUT/results.md and OUT/report.html (rebuild the report later with
-    `flawscope report OUT`).
+    `flawscope report OUT`). With --ray or --ray-address every pair is a Ray task holding
+    --cpus-per-task CPUs; the results are the same files.
     """
     from .benchmark import markdown_table, run_benchmark
 
-    rows = run_benchmark(data, _split(models) or [], _split(categories), out, preset, force,
-                         pixel_size, _parse_settings(settings), progress=_progress_lines())
+    options = {"preset": preset, "force": force, "pixel_size": pixel_size,
+               "settings": _parse_settings(settings)}
+    if use_ray or ray_address:
+        from . import cluster
+
+        rows = cluster.run_benchmark(data, _split(models) or [], _split(categories), out,
+                                     address=ray_address, cpus_per_task=cpus_per_task,
+                                     progress=lambda line: click.echo(line, err=True),
+                                     **options)
+    else:
+        rows = run_benchmark(data, _split(models) or [], _split(categories), out,
+                             progress=_progress_lines(), **options)
     click.echo(markdown_table(rows))
     click.echo(f"report: {out / 'report.html'}")
     failed = [r for r in rows if r["status"] != "ok"]
