@@ -1,0 +1,231 @@
+"""flawscope on Ray: a local cluster on loopback (a head without CPUs and two worker nodes of
+one CPU each), a benchmark and a predict through it, equal to local runs, and killed workers.
+
+One cluster serves the whole module (starting one costs about 10 s here).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flawscope import Detector, cluster, results
+from flawscope.benchmark import run_benchmark
+from flawscope.cli import cli
+from flawscope.synth import SynthSpec, generate
+
+ray = pytest.importorskip("ray")
+psutil = pytest.importorskip("psutil")  # a dependency of Ray
+
+N_IMAGES = 2000
+SHARD = 200  # a multiple of the batch size: shards batch the images as the local run does
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    from ray.cluster_utils import Cluster
+
+    # The driver's tasks and actors must run on the worker nodes, so the head has no CPU.
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        nodes.add_node(num_cpus=1)
+    ray.init(address=nodes.address, logging_level="WARNING")
+    yield nodes
+    ray.shutdown()
+    nodes.shutdown()
+
+
+@pytest.fixture(scope="module")
+def scoring(tmp_path_factory):
+    """A gaussian model at 32 px and 2,000 small images plus two unreadable files."""
+    root = tmp_path_factory.mktemp("ray_predict")
+    generate(root / "synth", SynthSpec(size=32, n_train=20, n_test_good=2, n_test_per_defect=1))
+    Detector.fit(root / "synth" / "synthetic_object", model="gaussian",
+                 image_size=32).save(root / "model")
+    images = root / "images"
+    rng = np.random.default_rng(0)
+    for sub in range(2):  # two folders: names mirror the folder structure, as locally
+        (images / f"line{sub}").mkdir(parents=True)
+        for i in range(N_IMAGES // 2):
+            pixels = rng.integers(0, 256, (32 + i % 3, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(images / f"line{sub}" / f"{i:04d}.png")
+    (images / "line1" / "broken.png").write_bytes(b"not a png")
+    (images / "line0" / "empty.jpg").write_bytes(b"")
+    return root
+
+
+def _local_scores(model: Path, paths: list[str]) -> dict[str, float | None]:
+    detector = Detector.load(model)
+    return {p.source: p.score for p in detector.predict_many(paths, batch_size=8,
+                                                             keep_images=False)}
+
+
+def _ray_records(out: Path) -> list[dict]:
+    return list(cluster.read_predictions(out))
+
+
+def _kill_when(match: str, ready, killed: list[int], timeout: float = 120) -> threading.Thread:
+    """A thread that SIGKILLs the first Ray worker whose title contains ``match`` once
+    ``ready()`` holds (the worker is then mid-task)."""
+
+    def run():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not killed:
+            if ready():
+                for proc in psutil.process_iter(["pid", "cmdline"]):
+                    if f"ray::{match}" in " ".join(proc.info["cmdline"] or []) or (
+                            match == "ShardScorer"
+                            and "(ShardScorer)" in " ".join(proc.info["cmdline"] or [])):
+                        os.kill(proc.info["pid"], signal.SIGKILL)
+                        killed.append(proc.info["pid"])
+                        return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_predict_on_ray_equals_local_and_resumes(ray_cluster, scoring, tmp_path):
+    out = tmp_path / "out"
+    summary = cluster.predict(scoring / "model", [scoring / "images"], out, recursive=True,
+                              shard_size=SHARD, heatmaps=False)
+    assert summary.n_inputs == N_IMAGES + 2 and summary.n_failed == 2
+    assert summary.n_shards == 11 and summary.shards_scored == 11
+    records = _ray_records(out)
+    paths = [r["path"] for r in records]
+    assert len(paths) == len(set(paths)) == N_IMAGES + 2
+    # Same decoding, same batches of 8, same code: the scores are the local run's. The
+    # tolerance only allows a different thread count to reorder a float sum.
+    local = _local_scores(scoring / "model", paths)
+    for record in records:
+        if record["error"] is None:
+            assert record["score"] == pytest.approx(local[record["path"]], rel=1e-6)
+        else:
+            assert local[record["path"]] is None
+            assert Path(record["path"]).name in ("broken.png", "empty.jpg")
+    assert set(records[0]) == {"path", "score", "normalized_score", "is_anomalous",
+                               "threshold", "width", "height", "error", "heatmap", "map"}
+    # A lost shard (as after Ctrl-C) is the only one a rerun scores, identically.
+    shard = cluster.shard_output(out, 4)
+    before = shard.read_bytes()
+    shard.unlink()
+    again = cluster.predict(scoring / "model", [scoring / "images"], out, recursive=True,
+                            shard_size=SHARD, heatmaps=False)
+    assert again.shards_scored == 1 and again.scored_images == SHARD
+    assert shard.read_bytes() == before
+    with pytest.raises(cluster.FlawscopeError, match="other inputs"):
+        cluster.predict(scoring / "model", [scoring / "images" / "line0"], out)
+
+
+def test_predict_survives_a_killed_worker(ray_cluster, scoring, tmp_path):
+    out = tmp_path / "out"
+    killed: list[int] = []
+    # Kill one scoring actor once the first shard is written: others are then mid-shard.
+    thread = _kill_when("ShardScorer", lambda: any((out / "predictions").glob("part-*")),
+                        killed)
+    summary = cluster.predict(scoring / "model", [scoring / "images"], out, recursive=True,
+                              shard_size=SHARD, heatmaps=True)
+    thread.join()
+    assert killed, "no scoring worker was found to kill"
+    records = _ray_records(out)
+    paths = [r["path"] for r in records]
+    assert len(paths) == len(set(paths)) == summary.n_inputs == N_IMAGES + 2
+    # No partial file is left behind, and every heat map named in a record is whole.
+    assert not list((out / "predictions").glob(".*tmp"))
+    for record in records[::97]:
+        if record["error"] is None:
+            with Image.open(record["heatmap"]) as picture:
+                picture.load()
+
+
+def test_predict_cli_on_ray_with_list_file_and_parquet(ray_cluster, scoring, tmp_path):
+    from click.testing import CliRunner
+
+    listing = tmp_path / "todo.txt"
+    names = [str(scoring / "images" / "line0" / f"{i:04d}.png") for i in range(5)]
+    listing.write_text("\n".join(names + ["# a comment", "missing.png"]) + "\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["predict", "--model", str(scoring / "model"),
+                                      str(listing), "--out", str(out), "--ray",
+                                      "--no-heatmaps", "--format", "parquet",
+                                      "--shard-size", "4"])
+    assert result.exit_code == 3, result.output  # one input could not be read
+    assert "5 of 6 images scored" in result.output
+    records = _ray_records(out)
+    assert [r["path"] for r in records] == names + [str(tmp_path / "missing.png")]
+    assert records[-1]["error"] and records[0]["score"] == pytest.approx(
+        _local_scores(scoring / "model", names[:1])[names[0]], rel=1e-6)
+
+
+def _benchmark_data(root: Path) -> Path:
+    generate(root, SynthSpec(size=64, n_train=16, n_test_good=4, n_test_per_defect=2))
+    broken = root / "broken_part"  # a category whose fit fails: recorded, the rest goes on
+    (broken / "train" / "good").mkdir(parents=True)
+    (broken / "test" / "good").mkdir(parents=True)
+    (broken / "train" / "good" / "000.png").write_bytes(b"not a png")
+    (broken / "test" / "good" / "000.png").write_bytes(b"not a png")
+    return root
+
+
+def test_benchmark_on_ray_equals_local_despite_a_killed_worker(ray_cluster, tmp_path):
+    data = _benchmark_data(tmp_path / "data")
+    models, settings = ["gaussian", "padim"], {"image_size": "32"}
+    out = tmp_path / "ray"
+    killed: list[int] = []
+
+    def mid_pair():  # a pair task whose `flawscope fit` or `test` child is running
+        for proc in psutil.process_iter():
+            try:
+                if "_pair_task" in " ".join(proc.cmdline()) and proc.children():
+                    return True
+            except psutil.Error:
+                pass
+        return False
+
+    thread = _kill_when("_pair_task", mid_pair, killed)
+    rows = cluster.run_benchmark(data, models, None, out, settings=settings)
+    thread.join()
+    assert killed, "no benchmark worker was found to kill"
+    status = {(r["model"], r["category"]): r["status"] for r in rows}
+    assert status == {(m, c): ("failed" if c == "broken_part" else "ok")
+                      for m in models for c in ("broken_part", "synthetic_object",
+                                                "synthetic_texture")}
+    assert "000.png" in results.read_error(out / "gaussian" / "broken_part")
+    for m in models:
+        for c in ("synthetic_object", "synthetic_texture"):
+            with open(out / m / c / "scores.csv") as f:
+                assert len(list(csv.DictReader(f))) == 4 + 4 * 2  # every test image
+            assert json.loads((out / m / c / "metrics.json").read_text())["image_auroc"] >= 0
+    assert (out / "results.csv").is_file() and (out / "report.html").is_file()
+    # The same pairs run here give the same scores (the gaussian model is cheap to rerun).
+    local = tmp_path / "local"
+    run_benchmark(data, ["gaussian"], ["synthetic_object", "synthetic_texture"], local,
+                  settings=settings)
+    for c in ("synthetic_object", "synthetic_texture"):
+        _, ray_scores, _ = results.read_scores(out / "gaussian" / c)
+        _, local_scores, _ = results.read_scores(local / "gaussian" / c)
+        np.testing.assert_allclose(ray_scores, local_scores, rtol=1e-6)
+    # A rerun skips every finished pair and only retries the failed ones.
+    lines: list[str] = []
+    cluster.run_benchmark(data, ["gaussian"], ["synthetic_object"], out, settings=settings,
+                          progress=lines.append)
+    assert any("results exist, skipped" in line for line in lines)
+    assert any("submitted 0 pair(s)" in line for line in lines)
+
+
+def test_benchmark_with_ray_rejects_a_typo_before_starting_ray(tmp_path):
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(cli, ["benchmark", "--data", str(tmp_path), "--models",
+                                      "gausian", "--out", str(tmp_path / "o"), "--ray"])
+    assert result.exit_code == 1 and "gausian" in result.output
