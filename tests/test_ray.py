@@ -19,7 +19,6 @@ import pytest
 from PIL import Image
 
 from flawscope import Detector, cluster, results
-from flawscope.benchmark import run_benchmark
 from flawscope.cli import cli
 from flawscope.synth import SynthSpec, generate
 
@@ -95,17 +94,29 @@ def _kill_when(match: str, ready, killed: list[int], timeout: float = 120) -> th
     return thread
 
 
-def test_predict_on_ray_equals_local_and_resumes(ray_cluster, scoring, tmp_path):
+def test_predict_on_ray_equals_local_despite_a_killed_worker(ray_cluster, scoring, tmp_path):
     out = tmp_path / "out"
+    killed: list[int] = []
+    # Kill one scoring actor once the first shard is written: others are then mid-shard.
+    thread = _kill_when("ShardScorer", lambda: any((out / "predictions").glob("part-*")),
+                        killed)
     summary = cluster.predict(scoring / "model", [scoring / "images"], out, recursive=True,
-                              shard_size=SHARD, heatmaps=False)
+                              shard_size=SHARD, heatmaps=True)
+    thread.join()
+    assert killed, "no scoring worker was found to kill"
     assert summary.n_inputs == N_IMAGES + 2 and summary.n_failed == 2
-    assert summary.n_shards == 11 and summary.shards_scored == 11
+    assert summary.n_shards == summary.shards_scored == 11
+    # Every input exactly once, no partial file left, every heat map named is whole.
     records = _ray_records(out)
     paths = [r["path"] for r in records]
     assert len(paths) == len(set(paths)) == N_IMAGES + 2
+    assert not list((out / "predictions").glob(".*tmp"))
+    for record in records[::97]:
+        if record["error"] is None:
+            with Image.open(record["heatmap"]) as picture:
+                picture.load()
     # Same decoding, same batches of 8, same code: the scores are the local run's. The
-    # tolerance only allows a different thread count to reorder a float sum.
+    # tolerance only allows another thread count to reorder a float sum.
     local = _local_scores(scoring / "model", paths)
     for record in records:
         if record["error"] is None:
@@ -120,32 +131,11 @@ def test_predict_on_ray_equals_local_and_resumes(ray_cluster, scoring, tmp_path)
     before = shard.read_bytes()
     shard.unlink()
     again = cluster.predict(scoring / "model", [scoring / "images"], out, recursive=True,
-                            shard_size=SHARD, heatmaps=False)
+                            shard_size=SHARD, heatmaps=True)
     assert again.shards_scored == 1 and again.scored_images == SHARD
     assert shard.read_bytes() == before
     with pytest.raises(cluster.FlawscopeError, match="other inputs"):
         cluster.predict(scoring / "model", [scoring / "images" / "line0"], out)
-
-
-def test_predict_survives_a_killed_worker(ray_cluster, scoring, tmp_path):
-    out = tmp_path / "out"
-    killed: list[int] = []
-    # Kill one scoring actor once the first shard is written: others are then mid-shard.
-    thread = _kill_when("ShardScorer", lambda: any((out / "predictions").glob("part-*")),
-                        killed)
-    summary = cluster.predict(scoring / "model", [scoring / "images"], out, recursive=True,
-                              shard_size=SHARD, heatmaps=True)
-    thread.join()
-    assert killed, "no scoring worker was found to kill"
-    records = _ray_records(out)
-    paths = [r["path"] for r in records]
-    assert len(paths) == len(set(paths)) == summary.n_inputs == N_IMAGES + 2
-    # No partial file is left behind, and every heat map named in a record is whole.
-    assert not list((out / "predictions").glob(".*tmp"))
-    for record in records[::97]:
-        if record["error"] is None:
-            with Image.open(record["heatmap"]) as picture:
-                picture.load()
 
 
 def test_predict_cli_on_ray_with_list_file_and_parquet(ray_cluster, scoring, tmp_path):
@@ -167,60 +157,57 @@ def test_predict_cli_on_ray_with_list_file_and_parquet(ray_cluster, scoring, tmp
         _local_scores(scoring / "model", names[:1])[names[0]], rel=1e-6)
 
 
-def _benchmark_data(root: Path) -> Path:
-    generate(root, SynthSpec(size=64, n_train=16, n_test_good=4, n_test_per_defect=2))
-    broken = root / "broken_part"  # a category whose fit fails: recorded, the rest goes on
-    (broken / "train" / "good").mkdir(parents=True)
-    (broken / "test" / "good").mkdir(parents=True)
-    (broken / "train" / "good" / "000.png").write_bytes(b"not a png")
-    (broken / "test" / "good" / "000.png").write_bytes(b"not a png")
-    return root
-
-
 def test_benchmark_on_ray_equals_local_despite_a_killed_worker(ray_cluster, tmp_path):
-    data = _benchmark_data(tmp_path / "data")
-    models, settings = ["gaussian", "padim"], {"image_size": "32"}
+    data = tmp_path / "data"
+    generate(data, SynthSpec(size=64, n_train=16, n_test_good=4, n_test_per_defect=2))
+    models, categories = ["gaussian", "padim"], ["synthetic_object", "synthetic_texture"]
+    settings = {"image_size": "32"}
     out = tmp_path / "ray"
     killed: list[int] = []
 
     def mid_pair():  # a pair task whose `flawscope fit` or `test` child is running
         for proc in psutil.process_iter():
             try:
-                if "_pair_task" in " ".join(proc.cmdline()) and proc.children():
+                if "ray::_pair_task" in " ".join(proc.cmdline()) and proc.children():
                     return True
             except psutil.Error:
                 pass
         return False
 
     thread = _kill_when("_pair_task", mid_pair, killed)
-    rows = cluster.run_benchmark(data, models, None, out, settings=settings)
+    rows = cluster.run_benchmark(data, models, categories, out, settings=settings)
     thread.join()
     assert killed, "no benchmark worker was found to kill"
-    status = {(r["model"], r["category"]): r["status"] for r in rows}
-    assert status == {(m, c): ("failed" if c == "broken_part" else "ok")
-                      for m in models for c in ("broken_part", "synthetic_object",
-                                                "synthetic_texture")}
-    assert "000.png" in results.read_error(out / "gaussian" / "broken_part")
+    assert [(r["model"], r["category"], r["status"]) for r in rows] == [
+        (m, c, "ok") for m in models for c in categories]
     for m in models:
-        for c in ("synthetic_object", "synthetic_texture"):
+        for c in categories:
             with open(out / m / c / "scores.csv") as f:
                 assert len(list(csv.DictReader(f))) == 4 + 4 * 2  # every test image
             assert json.loads((out / m / c / "metrics.json").read_text())["image_auroc"] >= 0
     assert (out / "results.csv").is_file() and (out / "report.html").is_file()
-    # The same pairs run here give the same scores (the gaussian model is cheap to rerun).
-    local = tmp_path / "local"
-    run_benchmark(data, ["gaussian"], ["synthetic_object", "synthetic_texture"], local,
-                  settings=settings)
-    for c in ("synthetic_object", "synthetic_texture"):
+    # The gaussian pairs fitted and tested here, in this process, give the same scores.
+    for c in categories:
+        local = Detector.fit(data / c, model="gaussian", image_size=32).evaluate(data / c)
         _, ray_scores, _ = results.read_scores(out / "gaussian" / c)
-        _, local_scores, _ = results.read_scores(local / "gaussian" / c)
-        np.testing.assert_allclose(ray_scores, local_scores, rtol=1e-6)
-    # A rerun skips every finished pair and only retries the failed ones.
+        np.testing.assert_allclose(ray_scores, local.scores, rtol=1e-6)  # .9g in scores.csv
+    # A rerun skips every finished pair.
     lines: list[str] = []
-    cluster.run_benchmark(data, ["gaussian"], ["synthetic_object"], out, settings=settings,
+    cluster.run_benchmark(data, ["gaussian"], categories, out, settings=settings,
                           progress=lines.append)
-    assert any("results exist, skipped" in line for line in lines)
+    assert sum("results exist, skipped" in line for line in lines) == 2
     assert any("submitted 0 pair(s)" in line for line in lines)
+
+
+def test_a_failing_pair_on_ray_is_recorded(ray_cluster, tmp_path):
+    broken = tmp_path / "data" / "broken_part"
+    for split in ("train", "test"):
+        (broken / split / "good").mkdir(parents=True)
+        (broken / split / "good" / "000.png").write_bytes(b"not a png")
+    rows = cluster.run_benchmark(tmp_path / "data", ["gaussian"], None, tmp_path / "out")
+    assert [r["status"] for r in rows] == ["failed"]
+    assert "flawscope fit failed" in results.read_error(tmp_path / "out" / "gaussian" /
+                                                         "broken_part")
 
 
 def test_benchmark_with_ray_rejects_a_typo_before_starting_ray(tmp_path):

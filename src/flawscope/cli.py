@@ -256,6 +256,9 @@ def predict(model_dir: Path, inputs: tuple[Path, ...], out: Path, recursive: boo
                         save_maps, batch_size, ray_address, cpus_per_task, workers,
                         shard_size, fmt)
         return
+    if fmt != "jsonl" or workers is not None:
+        raise FlawscopeError("--format and --workers apply to Ray runs: add --ray or "
+                             "--ray-address")
     from .detector import Detector
     from .predict_files import PredictionWriter, collect_inputs
 
