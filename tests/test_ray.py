@@ -94,6 +94,28 @@ def _kill_when(match: str, ready, killed: list[int], timeout: float = 120) -> th
     return thread
 
 
+def test_listing_streams_into_shards_named_as_local_predict_names(tmp_path):
+    from flawscope.predict_files import collect_inputs
+
+    folder = tmp_path / "line"
+    for name in ("b.png", "a.jpg", "sub/c.png", "sub/deeper/d.bmp", "notes.txt", "._x.png"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"")
+    single = tmp_path / "e.png"
+    single.write_bytes(b"")
+    inputs = [folder, single]
+    local = [(name, str(path)) for path, name in collect_inputs(inputs, recursive=True)]
+    assert list(cluster.iter_inputs(inputs, recursive=True)) == local
+    assert [n for n, _ in local] == ["line/a", "line/b", "line/sub/c", "line/sub/deeper/d", "e"]
+    plan = cluster.plan_shards(inputs, tmp_path / "out", recursive=True, shard_size=2)
+    assert (plan["n_inputs"], plan["n_shards"]) == (5, 3)
+    shards = [cluster.read_shard_inputs(tmp_path / "out", k) for k in range(3)]
+    assert [tuple(e) for shard in shards for e in shard] == local
+    assert cluster.plan_shards(inputs, tmp_path / "out", recursive=True, shard_size=2) == plan
+    with pytest.raises(cluster.FlawscopeError, match="other inputs"):
+        cluster.plan_shards(inputs, tmp_path / "out", recursive=True, shard_size=3)
+
+
 def test_predict_on_ray_equals_local_despite_a_killed_worker(ray_cluster, scoring, tmp_path):
     out = tmp_path / "out"
     killed: list[int] = []

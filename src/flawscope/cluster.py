@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .data import IMAGE_SUFFIXES
+from .data import IMAGE_SUFFIXES, _is_junk
 from .errors import FlawscopeError
 
 log = logging.getLogger(__name__)
@@ -407,7 +407,7 @@ def iter_inputs(inputs: Iterable[str], recursive: bool = False) -> Iterator[tupl
 
 def _walk(folder: Path, name: PurePosixPath, recursive: bool) -> Iterator[tuple[str, str]]:
     with os.scandir(folder) as entries:
-        ordered = sorted((e.name, e.is_dir()) for e in entries if not e.name.startswith("."))
+        ordered = sorted((e.name, e.is_dir()) for e in entries if not _is_junk(Path(e.name)))
     for entry, is_dir in ordered:
         if is_dir:
             if recursive:
