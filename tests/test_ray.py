@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -23,7 +24,6 @@ from flawscope.cli import cli
 from flawscope.synth import SynthSpec, generate
 
 ray = pytest.importorskip("ray")
-psutil = pytest.importorskip("psutil")  # a dependency of Ray
 
 N_IMAGES = 2000
 SHARD = 200  # a multiple of the batch size: shards batch the images as the local run does
