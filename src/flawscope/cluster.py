@@ -393,12 +393,15 @@ def iter_inputs(inputs: Iterable[str], recursive: bool = False) -> Iterator[tupl
         if item.is_dir():
             yield from _walk(item, PurePosixPath(item.resolve().name), recursive)
         elif item.suffix.lower() in LIST_SUFFIXES and item.is_file():
+            # Plain strings, not Path objects: pathlib interns every path part, which grows
+            # the interpreter's table of interned strings with the number of paths.
+            base = os.path.dirname(str(item))
             with open(item) as f:
                 for line in f:
                     line = line.strip()
                     if line and not line.startswith("#"):
-                        path = Path(line) if os.path.isabs(line) else item.parent / line
-                        yield _list_name(path), str(path)
+                        path = line if os.path.isabs(line) else os.path.join(base, line)
+                        yield _list_name(path), path
         elif item.exists() or item.suffix.lower() in IMAGE_SUFFIXES:
             yield item.stem, str(item)  # a missing image gets an error record, as locally
         else:
@@ -416,6 +419,5 @@ def _walk(folder: Path, name: PurePosixPath, recursive: bool) -> Iterator[tuple[
             yield str((name / entry).with_suffix("")), str(folder / entry)
 
 
-def _list_name(path: Path) -> str:
-    parts = [p for p in path.resolve().parts[1:] if p not in ("", "..")]
-    return str(PurePosixPath(*parts).with_suffix("")) if parts else path.stem
+def _list_name(path: str) -> str:
+    return os.path.splitext(os.path.abspath(path).lstrip("/"))[0]
