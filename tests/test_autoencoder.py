@@ -2,6 +2,8 @@
 exact resumption after an interruption, training pictures, save/load."""
 
 import csv
+import logging
+import math
 import os
 import signal
 
@@ -85,20 +87,46 @@ def test_score_reductions():
         get_model_class("ae_l2").from_settings("fast", {"score_reduction": "median"})
 
 
-def test_ssim_autoencoder_ranks_synthetic_defects_above_good_images(synth_object, tmp_path):
-    """A few seconds of training at 32 px already separate the defects (AUROC about 0.9).
+@pytest.fixture(scope="module")
+def synth_object32(tmp_path_factory):
+    """The synthetic object made at 32 px, the detection test's resolution: one-pixel
+    scratches and cracks stay sharp instead of being halved in contrast by a resize. 24 good
+    and 32 defective test images: one image moves the AUROC by 1/768 or less (with 10 and 16
+    made at 64 px, by up to 1/160, and training seeds scattered from 0.63 to 0.96)."""
+    root = tmp_path_factory.mktemp("synth_ae32")
+    generate(root, SynthSpec(size=32, n_train=60, n_test_good=24, n_test_per_defect=8,
+                             seed=1), categories=("synthetic_object",))
+    return open_category(root / "synthetic_object")
 
-    The L2 autoencoder does not pass this bar in seconds on this category (measured AUROC
-    0.4-0.65: the blur at the rims of the randomly rotated part outweighs thin cracks and
-    colour stains), which is the weakness of L2 that Bergmann et al. 2019 set out to fix.
+
+#: The detection test's run: 10 epochs of 15 batches of 16 at 32 px (lr 1e-3, the presets').
+#: Image AUROC over training seeds 0-6 on the set above (AMD EPYC, 1 thread): 0.870, 0.917,
+#: 0.876, 0.876, 0.902, 0.901, 0.896 (mean 0.890). Seed 2 collapsed at epoch 8 (SSIM loss
+#: 1.0, output running away) and was recovered by the training loop at half the learning
+#: rate. With MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
+#: seeds 0 and 2 scored the same. With oneDNN limited to SSE4.1 and ATen to its unvectorized
+#: kernels (another rounding, as on another CPU) seeds 0-4 scored 0.870, 0.926, 0.900, 0.882,
+#: 0.912: seed 2 then did not collapse, so one CPU's rounding decides whether a run needs the
+#: recovery, and the recovery keeps the result above the bar either way.
+DETECTION_RUN = {"image_size": 32, "batch_size": 16, "batches_per_epoch": 15, "epochs": 10}
+EPOCHS = DETECTION_RUN["epochs"]
+
+
+def test_ssim_autoencoder_ranks_synthetic_defects_above_good_images(synth_object32, tmp_path):
+    """Seconds of training at 32 px separate the defects (AUROC about 0.9, see above).
+
+    The L2 autoencoder does not pass this bar in seconds on this category (measured with the
+    same run, training seeds 0-2: AUROC 0.681, 0.720, 0.712; the blur at the rims of the
+    randomly rotated part outweighs thin cracks and colour stains), which is the weakness of
+    L2 that Bergmann et al. 2019 set out to fix.
     """
-    size = 32
-    model = get_model_class("ae_ssim").from_settings("fast", {
-        "image_size": size, "batch_size": 16, "batches_per_epoch": 15, "epochs": EPOCHS})
-    model.fit(ImageDataset(synth_object.train, size), workdir=tmp_path)
-    test = synth_object.test
+    size = DETECTION_RUN["image_size"]
+    model = get_model_class("ae_ssim").from_settings("fast", DETECTION_RUN)
+    model.fit(ImageDataset(synth_object32.train, size), workdir=tmp_path)
+    test = synth_object32.test
     images = torch.stack([ImageDataset([t.path], size)[0] for t in test])
     labels = np.array([t.is_anomalous for t in test])
+    assert labels.sum() == 32 and (~labels).sum() == 24
     scores, maps = model.score_tensor(images)
     assert maps.shape == (len(test), size, size)
     assert roc_auc_score(labels, scores.numpy()) > 0.8
@@ -112,10 +140,12 @@ def test_ssim_autoencoder_ranks_synthetic_defects_above_good_images(synth_object
     assert rec.shape == images[:2].shape and 0 <= float(rec.min()) <= float(rec.max()) <= 1
 
 
-EPOCHS = 10
-
-
 def test_l2_map_is_hottest_where_the_image_was_changed(synth_object):
+    """A white patch on good parts is where the L2 map peaks, well above a good part's peak.
+
+    Over training seeds 0-4 (AMD EPYC, 1 thread) every peak lay inside the patch and was 4.1
+    to 5.1 times the unchanged image's: the factor 2 asserted below leaves room for rounding.
+    """
     size = 32
     model = get_model_class("ae_l2").from_settings("fast", {
         "image_size": size, "batch_size": 16, "batches_per_epoch": 10, "epochs": 3})
@@ -175,6 +205,57 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes_mid_epoch(synth_object, tmp_pat
     resumed.fit(data, workdir=tmp_path)
     a, b = weights(straight), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_huge_learning_rate_stops_with_an_error_naming_the_epoch(synth_object):
+    data = ImageDataset(synth_object.train[:8], SIZE)
+    model = small("ae_l2", epochs=2, batches_per_epoch=2, batch_size=4, lr=1e6)
+    with pytest.raises(FlawscopeError, match=r"training ae_l2: training diverged at epoch 1 "
+                                             r"\(loss (nan|inf)\).*after 3 recoveries"):
+        model.fit(data)
+
+
+def test_a_nan_loss_is_recovered_with_a_lower_learning_rate(synth_object, tmp_path, caplog,
+                                                            monkeypatch):
+    data = ImageDataset(synth_object.train[:8], SIZE)
+    model = small("ae_ssim", epochs=3, batches_per_epoch=2, batch_size=4)
+    real_loss, calls = model.loss, {"n": 0}
+
+    def loss_with_one_nan(x, rec):
+        calls["n"] += 1
+        value = real_loss(x, rec)
+        return value * math.nan if calls["n"] == 4 else value  # epoch 2, batch 2
+
+    monkeypatch.setattr(model, "loss", loss_with_one_nan)
+    with caplog.at_level(logging.WARNING, logger="flawscope.trainloop"):
+        model.fit(data, workdir=tmp_path)
+    assert "diverged at epoch 2 (loss nan)" in caplog.text
+    assert calls["n"] == 3 * 2 + 2  # epoch 2 trained twice
+    assert [r["epoch"] for r in model.history] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in model.history)
+    assert all(bool(torch.isfinite(v).all()) for v in weights(model).values())
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["recoveries"] == 1
+    assert saved["optimizers"]["net"]["param_groups"][0]["lr"] == pytest.approx(0.5e-3)
+
+
+def test_a_checkpoint_of_the_earlier_loop_layout_resumes(synth_object, tmp_path):
+    """Checkpoints written before the shared training loop (net / optimizer / loss_sum)."""
+    data = ImageDataset(synth_object.train[:12], SIZE)
+    straight = small("ae_l2", epochs=2, batches_per_epoch=3, batch_size=4)
+    straight.fit(data)
+    first = small("ae_l2", epochs=1, batches_per_epoch=3, batch_size=4)
+    first.fit(data, workdir=tmp_path)
+    new = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    old = {"fingerprint": new["fingerprint"], "epoch": new["epoch"], "batch": 0,
+           "order": None, "loss_sum": 0.0, "history": new["history"], "rng": new["rng"],
+           "net": new["modules"]["net"], "optimizer": new["optimizers"]["net"]}
+    torch.save(old, tmp_path / "checkpoint.pt")
+    resumed = small("ae_l2", epochs=2, batches_per_epoch=3, batch_size=4)
+    resumed.fit(data, workdir=tmp_path)
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.history == straight.history
 
 
 def test_checkpoint_of_other_settings_is_not_resumed(synth_object, tmp_path):

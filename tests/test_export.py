@@ -11,7 +11,7 @@ from conftest import shared_category
 from flawscope.cli import cli
 from flawscope.data import ImageDataset, open_category
 from flawscope.errors import FlawscopeError
-from flawscope.export import TOLERANCE, compare, export_onnx, onnx_session, torch_outputs
+from flawscope.export import TOLERANCE, compare, export_onnx, onnx_session
 from flawscope.modelfile import load_model
 from flawscope.models.base import AnomalyModel
 from flawscope.pipeline import fit_model
@@ -98,41 +98,77 @@ def test_export_that_drifts_from_pytorch_is_not_written(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.slow
-def test_gaussian_export_on_real_images(tmp_path):
-    category = shared_category("mvtec_ad", "screw")
-    fit_model(category, "gaussian", tmp_path / "m", overrides={"image_size": 128})
-    model, manifest = load_model(tmp_path / "m")
-    images = _images(category, model.image_size, 6)
-    export_onnx(model, tmp_path / "m.onnx", manifest, check_images=images)
-    _check_file(model, tmp_path / "m.onnx", images)
-    assert torch_outputs(model.onnx_module(), images)[0].shape == (6,)
-
-
+#: Small settings per registered model: parity does not depend on how well a model is
+#: trained, so the backbone models are fitted on four images and the networks keep their
+#: initial weights.
 TINY = {"ae_l2": {"image_size": 64, "epochs": 1, "batches_per_epoch": 1, "batch_size": 4},
+        "ae_ssim": {"image_size": 64, "epochs": 1, "batches_per_epoch": 1, "batch_size": 4},
         "fanogan": {},
-        "padim": {"image_size": 128}}
+        "gaussian": {"image_size": 64},
+        "padim": {"image_size": 128},
+        "patchcore": {"image_size": 128},
+        "patchcore:reweight": {"image_size": 96, "reweight": True, "coreset_ratio": 0.25}}
+FITTED = ("gaussian", "padim", "patchcore")
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
-def test_learned_models_export_and_match_pytorch(name, synth_root, tmp_path):
-    """Parity does not depend on how well a model is trained: a briefly fitted one is enough."""
+def tiny_model(name, category):
+    """A briefly fitted (or, for networks, freshly initialized) model of ``name``."""
     from flawscope.models import get_model_class
 
-    cls = get_model_class(name)
+    cls = get_model_class(name.split(":")[0])
     model = cls.from_settings("fast" if "fast" in cls.presets else None, TINY[name])
-    category = open_category(synth_root / "synthetic_object")
+    if name.split(":")[0] in FITTED:
+        model.fit(ImageDataset(open_category(category).train[:4], model.image_size))
+    return model
+
+
+def test_every_registered_model_has_tiny_export_settings():
+    from flawscope.models import available_models
+
+    assert set(available_models()) <= {n.split(":")[0] for n in TINY}
+
+
+def _export_and_check(name, category, tmp_path):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        if name == "padim":
-            model.fit(ImageDataset(category.train[:4], model.image_size))
-        images = _images(synth_root / "synthetic_object", model.image_size, 3)
+        model = tiny_model(name, category)
+        images = _images(category, model.image_size, 3)
         report = export_onnx(model, tmp_path / f"{name}.onnx", check_images=images)
         assert max(report.score_rel_err, report.map_rel_err) < TOLERANCE
-        _check_file(model, report.path, images[:2])
+        _check_file(model, report.path, images[:2])  # a batch size not checked at export
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_every_model_exports_and_matches_pytorch(name, synth_root, tmp_path):
+    _export_and_check(name, synth_root / "synthetic_object", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
+    reason="ssim.py's float32 variances (E[x^2] - mu^2) cancel on the screw's flat background: "
+           "maps differ by 2.6e-4 of their maximum between onnxruntime and PyTorch (AMD EPYC)"))
+    if n == "ae_ssim" else n for n in sorted(TINY)])
+def test_every_model_matches_pytorch_on_real_images(name, tmp_path):
+    _export_and_check(name, shared_category("mvtec_ad", "screw"), tmp_path)
+
+
+def test_patchcore_graph_holds_for_any_batch_and_equals_clustered_search(tmp_path):
+    """The exported brute-force search gives the clustered search's scores: a bank big
+    enough to be clustered (the pruning is PyTorch-only), batch sizes 1 and 5."""
+    from flawscope.models.patchcore import PatchCoreConfig, PatchCoreModel
+    from flawscope.nnsearch import MIN_ROWS_TO_CLUSTER
+
+    model = PatchCoreModel(PatchCoreConfig(image_size=64))
+    g = torch.Generator().manual_seed(0)
+    model._set_bank(torch.randn(MIN_ROWS_TO_CLUSTER, 152, generator=g).half())
+    assert model._search.n_clusters > 1
+    images = torch.rand(5, 3, 64, 64, generator=g)
+    report = export_onnx(model, tmp_path / "pc.onnx", check_images=images)
+    for batch in (images[:1], images):
+        _check_file(model, report.path, batch)
 
 
 def test_export_in_a_fresh_process_of_a_backbone_model(synth_root, tmp_path):

@@ -3,6 +3,8 @@ training, and detection on the synthetic object category."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +147,10 @@ def test_new_stage2_settings_reuse_stage1_and_match_a_fresh_fit(synth_object, tm
     assert batches["n"] > per_stage2
 
 
-def test_interrupted_fit_resumes_to_the_same_weights(synth_object, tmp_path, monkeypatch):
+def test_a_fit_stopped_at_once_resumes_from_the_last_epoch(synth_object, tmp_path,
+                                                         monkeypatch):
+    """A KeyboardInterrupt that is not deferred (a second Ctrl-C, or one raised outside the
+    loop's handler) writes nothing: the epoch's checkpoint is what resumes, bit for bit."""
     train = ImageDataset(open_category(synth_object).train[:16], 16)
     plain = FAnoGANModel(FAnoGANConfig(**TINY))
     plain.fit(train, workdir=tmp_path / "plain")
@@ -165,6 +170,43 @@ def test_interrupted_fit_resumes_to_the_same_weights(synth_object, tmp_path, mon
     assert (tmp_path / "resumed" / "fanogan_stage1.pt").is_file()
     resumed = FAnoGANModel(FAnoGANConfig(**TINY))
     resumed.fit(train, workdir=tmp_path / "resumed")
+    a, b = plain.state_tensors(), resumed.state_tensors()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert plain.history == resumed.history
+
+
+@pytest.mark.parametrize("stage, call", [(1, 5), (2, 3)])
+def test_ctrl_c_inside_an_optimizer_step_resumes_to_the_same_weights(stage, call, synth_object,
+                                                                      tmp_path, monkeypatch):
+    """A real SIGINT delivered while Adam steps: in stage 1 inside the critic's step of
+    n_step 5 (epoch 2, batch 2), whose generator step must still follow; in stage 2 inside
+    the encoder's 3rd step. The fit stops after that whole step, and resumes bit for bit."""
+    train = ImageDataset(open_category(synth_object).train[:16], 16)
+    plain = FAnoGANModel(FAnoGANConfig(**TINY))
+    plain.fit(train)
+
+    calls = {"n": 0}
+    real_step = torch.optim.Adam.step
+    stage1_calls = 2 * 3 + 1  # 6 critic steps and one generator step (n_critic 5)
+
+    def step_and_press_ctrl_c(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call + (stage1_calls if stage == 2 else 0):
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step_and_press_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        FAnoGANModel(FAnoGANConfig(**TINY)).fit(train, workdir=tmp_path)
+    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    saved = torch.load(tmp_path / f"fanogan_stage{stage}.pt", weights_only=True)
+    if stage == 1:  # critic and generator of n_step 5 both done, nothing of n_step 6
+        assert calls["n"] == 6 and (saved["epoch"], saved["batch"], saved["n_step"]) == (1, 2, 5)
+    else:
+        assert calls["n"] == stage1_calls + 3 and (saved["epoch"], saved["batch"]) == (1, 0)
+
+    resumed = FAnoGANModel(FAnoGANConfig(**TINY))
+    resumed.fit(train, workdir=tmp_path)
     a, b = plain.state_tensors(), resumed.state_tensors()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert plain.history == resumed.history

@@ -75,7 +75,7 @@ def _run(args: list[str], log_path: Path) -> None:
         raise RuntimeError(f"flawscope {args[0]} failed: {tail[0]}")
 
 
-def run_pair(pair: Pair, out: Path, preset: str | None, pixel_size: int,
+def run_pair(pair: Pair, out: Path, preset: str | None, pixel_size: int | None,
              settings: dict[str, str] | None = None) -> None:
     folder = pair.folder(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,7 @@ def run_pair(pair: Pair, out: Path, preset: str | None, pixel_size: int,
         fit_args += ["--set", f"{key}={value}"]
     _run(fit_args, folder / "log.txt")
     _run(["test", "--model", str(model_dir), "--data", str(pair.category), "--out", str(folder),
-          "--pixel-size", str(pixel_size)], folder / "log.txt")
+          "--pixel-size", str(pixel_size or "native")], folder / "log.txt")
 
 
 def row_for(pair: Pair, out: Path) -> dict:
@@ -104,7 +104,7 @@ def row_for(pair: Pair, out: Path) -> dict:
     return row
 
 
-def run_recorded(pair: Pair, out: Path, preset: str | None = None, pixel_size: int = 256,
+def run_recorded(pair: Pair, out: Path, preset: str | None = None, pixel_size: int | None = None,
                  settings: dict[str, str] | None = None) -> str:
     """Run one pair and record its outcome in its folder (``metrics.json`` or ``error.txt``);
     a failure is recorded, never raised. Returns a one-line outcome."""
@@ -129,7 +129,7 @@ def _run_locally(pairs: list[Pair], out: Path, say, **pair_options) -> None:
 
 def run_benchmark(data: str | Path, models: list[str], categories: list[str] | None,
                   out: str | Path, preset: str | None = None, force: bool = False,
-                  pixel_size: int = 256, settings: dict[str, str] | None = None,
+                  pixel_size: int | None = None, settings: dict[str, str] | None = None,
                   progress=None, runner=None) -> list[dict]:
     """Fit and test each pair; ``settings`` (KEY -> VALUE) override every model's preset.
 

@@ -45,6 +45,27 @@ def _parse_settings(values: tuple[str, ...]) -> dict[str, str]:
     return settings
 
 
+def _pixel_size(_ctx, _param, value) -> int | None:
+    """``--pixel-size``: ``native`` (None) or a positive number of pixels."""
+    if value in (None, "native"):
+        return None
+    try:
+        size = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give `native` or a number of pixels") from None
+    if size < 8:
+        raise click.BadParameter(f"{size}: at least 8 pixels")
+    return size
+
+
+def _engine_option(command):
+    return click.option(
+        "--engine", type=click.Choice(["auto", "torch", "onnxruntime", "openvino"]),
+        default="auto", show_default=True,
+        help="What runs the scoring graph: auto takes the fastest engine `flawscope export` "
+             "measured and checked against PyTorch, else torch.")(command)
+
+
 def _progress_lines():
     """Per-step lines on stderr when it is not a terminal (a log file, CI), where the progress
     bar stays silent; None on a terminal, which has the bar."""
@@ -95,8 +116,13 @@ def cli(verbose: int) -> None:
               help="Test images per defect type.")
 @click.option("--categories", default=None,
               help="Comma-separated subset of synthetic_texture,synthetic_object.")
+@click.option("--defect-px", default=0, show_default=True,
+              help="0: defects scale with the image; N: every defect fits in an N x N pixel "
+                   "box (e.g. --size 1024 --defect-px 8 for defects a few pixels wide).")
+@click.option("--workers", default=0, show_default=True,
+              help="Processes drawing images (0: one per CPU core); the files are the same.")
 def synth(out: Path, seed: int, size: int, n_train: int, test_good: int, test_defect: int,
-          categories: str | None) -> None:
+          categories: str | None, defect_px: int, workers: int) -> None:
     """Write a synthetic MVTec-layout dataset with exact defect masks to OUT.
 
     Two categories: synthetic_texture (grayscale weave; scratch, hole, stain, crack) and
@@ -105,9 +131,9 @@ def synth(out: Path, seed: int, size: int, n_train: int, test_good: int, test_de
     from .synth import CATEGORIES, SynthSpec, generate
 
     spec = SynthSpec(size=size, n_train=n_train, n_test_good=test_good,
-                     n_test_per_defect=test_defect, seed=seed)
+                     n_test_per_defect=test_defect, seed=seed, defect_px=defect_px)
     names = tuple(_split(categories) or CATEGORIES)
-    for folder in generate(out, spec, names):
+    for folder in generate(out, spec, names, workers):
         click.echo(f"wrote {folder}")
 
 
@@ -170,16 +196,20 @@ def _threshold_line(record: dict | None, warn: bool = True) -> str:
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Results folder: metrics.json, scores.csv and report_assets/ (pictures "
                    "for `flawscope report`).")
-@click.option("--pixel-size", default=256, show_default=True,
-              help="Maps and masks are resized to this square size for pixel metrics.")
+@click.option("--pixel-size", default="native", show_default=True, callback=_pixel_size,
+              help="Resolution of pixel metrics: `native` compares each map with its mask at "
+                   "the mask's own size (the official MVTec protocol); a number N resizes "
+                   "both to N x N.")
 @click.option("--batch-size", default=16, show_default=True,
               help="Images scored at once (more is faster up to memory limits).")
-def test(model_dir: Path, data: Path, out: Path, pixel_size: int, batch_size: int) -> None:
+@_engine_option
+def test(model_dir: Path, data: Path, out: Path, pixel_size: int | None,
+         batch_size: int, engine: str) -> None:
     """Score a category's test images; write and print metrics and the stored threshold's
     false-alarm and detection rates."""
     from .detector import Detector
 
-    detector = Detector.load(model_dir)
+    detector = Detector.load(model_dir, engine)
     evaluation = detector.evaluate(data, pixel_size=pixel_size, batch_size=batch_size, out=out)
     click.echo(_metrics_table(evaluation.metrics))
     click.echo(f"wrote {out / 'metrics.json'}")
@@ -225,6 +255,7 @@ def _metrics_table(m: dict) -> str:
 @click.option("--save-maps", type=click.Choice(["npy", "tiff"]), default=None,
               help="Also write the raw anomaly map (float32, at the image's size) per image.")
 @click.option("--batch-size", default=8, show_default=True, help="Images scored at once.")
+@_engine_option
 @_ray_options
 @click.option("--workers", default=None, type=click.IntRange(1),
               help="With Ray: scoring actors (default: as many as the cluster's CPUs allow).")
@@ -234,8 +265,8 @@ def _metrics_table(m: dict) -> str:
               show_default=True, help="With Ray: format of the prediction shards.")
 def predict(model_dir: Path, inputs: tuple[Path, ...], out: Path, recursive: bool,
             on_error: str, heatmaps: bool, annotate: bool, save_maps: str | None,
-            batch_size: int, use_ray: bool, ray_address: str | None, cpus_per_task: int,
-            workers: int | None, shard_size: int, fmt: str) -> None:
+            batch_size: int, engine: str, use_ray: bool, ray_address: str | None,
+            cpus_per_task: int, workers: int | None, shard_size: int, fmt: str) -> None:
     """Score new images (files or folders) and write their heat maps.
 
     Prints one line per image and writes OUT/predictions.jsonl (one JSON record per input,
@@ -254,7 +285,7 @@ def predict(model_dir: Path, inputs: tuple[Path, ...], out: Path, recursive: boo
     if use_ray or ray_address:
         _predict_on_ray(model_dir, inputs, out, recursive, on_error, heatmaps, annotate,
                         save_maps, batch_size, ray_address, cpus_per_task, workers,
-                        shard_size, fmt)
+                        shard_size, fmt, engine)
         return
     if fmt != "jsonl" or workers is not None:
         raise FlawscopeError("--format and --workers apply to Ray runs: add --ray or "
@@ -262,7 +293,7 @@ def predict(model_dir: Path, inputs: tuple[Path, ...], out: Path, recursive: boo
     from .detector import Detector
     from .predict_files import PredictionWriter, collect_inputs
 
-    detector = Detector.load(model_dir)
+    detector = Detector.load(model_dir, engine)
     if detector.threshold is None:
         click.echo("warning: this model has no decision threshold; every image is reported as "
                    "undecided (set one with `flawscope threshold`)", err=True)
@@ -292,7 +323,7 @@ def predict(model_dir: Path, inputs: tuple[Path, ...], out: Path, recursive: boo
 def _predict_on_ray(model_dir: Path, inputs: tuple[Path, ...], out: Path, recursive: bool,
                     on_error: str, heatmaps: bool, annotate: bool, save_maps: str | None,
                     batch_size: int, ray_address: str | None, cpus_per_task: int,
-                    workers: int | None, shard_size: int, fmt: str) -> None:
+                    workers: int | None, shard_size: int, fmt: str, engine: str) -> None:
     from . import cluster
 
     if on_error == "stop":
@@ -301,7 +332,7 @@ def _predict_on_ray(model_dir: Path, inputs: tuple[Path, ...], out: Path, recurs
     summary = cluster.predict(model_dir, inputs, out, address=ray_address, recursive=recursive,
                               cpus_per_task=cpus_per_task, workers=workers,
                               batch_size=batch_size, shard_size=shard_size, heatmaps=heatmaps,
-                              annotate=annotate, maps=save_maps, fmt=fmt,
+                              annotate=annotate, maps=save_maps, fmt=fmt, engine=engine,
                               progress=lambda line: click.echo(line, err=True))
     click.echo(f"{summary.n_inputs - summary.n_failed} of {summary.n_inputs} images scored "
                f"({summary.scored_images} in this run, {summary.images_per_s:.1f} images/s); "
@@ -359,16 +390,19 @@ def threshold_cmd(model_dir: Path, method: str | None, max_false_alarm: float,
 def export_cmd(model_dir: Path, fmt: str, out: Path | None) -> None:
     """Export a fitted model's scoring graph (images [B,3,S,S] in [0,1] -> scores, maps).
 
-    The file is checked with onnxruntime against PyTorch before it is written.
+    The file is checked with onnxruntime (and OpenVINO where installed) against PyTorch
+    before it is written; both engines are timed and the result recorded in the manifest, so
+    `--engine auto` of predict, test and serve can take the fastest checked one.
     """
-    from .export import export_onnx
-    from .modelfile import load_model
+    from .export import export_model_dir
 
-    model, manifest = load_model(model_dir)
-    report = export_onnx(model, out or model_dir / "model.onnx", manifest)
+    report = export_model_dir(model_dir, out)
     click.echo(f"wrote {report.path} ({report.size_bytes / 1e6:.1f} MB); onnxruntime vs "
                f"PyTorch relative error: scores {report.score_rel_err:.1e}, "
                f"maps {report.map_rel_err:.1e}")
+    if report.img_per_s:
+        click.echo("images/s: " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                            report.img_per_s.items()))
 
 
 @cli.command()
@@ -386,11 +420,12 @@ def export_cmd(model_dir: Path, fmt: str, out: Path | None) -> None:
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Override one setting of every model; repeatable. Results already in OUT "
                    "are kept: use a new --out or --force.")
-@click.option("--pixel-size", default=256, show_default=True,
-              help="Resolution of pixel metrics.")
+@click.option("--pixel-size", default="native", show_default=True, callback=_pixel_size,
+              help="Resolution of pixel metrics: `native` (each mask's own size) or N for "
+                   "N x N.")
 @_ray_options
 def benchmark(data: Path, models: str, categories: str | None, preset: str | None, out: Path,
-              force: bool, settings: tuple[str, ...], pixel_size: int, use_ray: bool,
+              force: bool, settings: tuple[str, ...], pixel_size: int | None, use_ray: bool,
               ray_address: str | None, cpus_per_task: int) -> None:
     """Fit and test every model on every category; resumable, one failure does not stop it.
 
@@ -445,8 +480,12 @@ def demo(out: Path, model_name: str, force: bool) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on (0.0.0.0 exposes the service to the network).")
 @click.option("--port", default=8000, show_default=True, help="TCP port to listen on.")
-@click.option("--workers", default=2, show_default=True,
+@click.option("--workers", default=1, show_default=True,
               help="Scoring threads (each gets cpu_count/workers PyTorch threads).")
+@click.option("--max-batch", default=16, show_default=True,
+              help="Most images of concurrent requests scored together.")
+@click.option("--batch-window-ms", default=5.0, show_default=True,
+              help="How long a request waits for others to share its batch.")
 @click.option("--max-upload-mb", default=20.0, show_default=True,
               help="Larger uploads are refused with 413.")
 @click.option("--max-pixels", default=None, type=int,
@@ -455,8 +494,10 @@ def demo(out: Path, model_name: str, force: bool) -> None:
 @click.option("--min-side", default=None, type=int,
               help="Images whose shorter side is smaller are refused with 422 [default: 32].")
 @click.option("--access-log", is_flag=True, help="Log every request.")
-def serve_cmd(model_dir: Path, host: str, port: int, workers: int, max_upload_mb: float,
-              max_pixels: int | None, min_side: int | None, access_log: bool) -> None:
+@_engine_option
+def serve_cmd(model_dir: Path, host: str, port: int, workers: int, max_batch: int,
+              batch_window_ms: float, max_upload_mb: float, max_pixels: int | None,
+              min_side: int | None, access_log: bool, engine: str) -> None:
     """Serve a model over HTTP: POST /predict (multipart field `file`, ?heatmap=true), GET
     /health. Answers JSON with score, normalized_score, is_anomalous and latency_ms."""
     from .serve import serve
@@ -464,7 +505,8 @@ def serve_cmd(model_dir: Path, host: str, port: int, workers: int, max_upload_mb
     limits = {k: v for k, v in (("max_pixels", max_pixels), ("min_side", min_side))
               if v is not None}
     serve(model_dir, host, port, access_log=access_log, max_upload_mb=max_upload_mb,
-          workers=workers, **limits)
+          workers=workers, max_batch=max_batch, batch_window_ms=batch_window_ms,
+          engine=engine, **limits)
 
 
 @cli.command("report")

@@ -166,11 +166,12 @@ def predict(model_dir: str | Path, inputs: Iterable[str | Path], out: str | Path
             address: str | None = None, num_cpus: int | None = None, recursive: bool = False,
             cpus_per_task: int = 1, workers: int | None = None, batch_size: int = 8,
             shard_size: int = DEFAULT_SHARD_SIZE, heatmaps: bool = True, annotate: bool = False,
-            maps: str | None = None, fmt: str = "jsonl",
+            maps: str | None = None, fmt: str = "jsonl", engine: str = "auto",
             progress: Callable[[str], None] | None = None) -> PredictSummary:
     """Score images (folders, image files, list files of paths) on Ray; see the module
     docstring for the output layout. ``workers`` actors (default: as many as the cluster's
-    CPUs allow) each load the model once and hold ``cpus_per_task`` CPUs (and threads)."""
+    CPUs allow) each load the model once (with ``engine``, as :meth:`Detector.load`) and hold
+    ``cpus_per_task`` CPUs (and threads)."""
     if fmt not in FORMATS:
         raise FlawscopeError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if shard_size < 1 or batch_size < 1 or cpus_per_task < 1:
@@ -192,7 +193,7 @@ def predict(model_dir: str | Path, inputs: Iterable[str | Path], out: str | Path
         try:
             scored, scored_images = _score_on_ray(todo, plan, out, model_dir, cpus_per_task,
                                                   workers, batch_size, heatmaps, annotate,
-                                                  maps, fmt, say, start)
+                                                  maps, fmt, engine, say, start)
         finally:
             if started:
                 _ray().shutdown()
@@ -205,7 +206,7 @@ def predict(model_dir: str | Path, inputs: Iterable[str | Path], out: str | Path
 
 def _score_on_ray(todo: list[int], plan: dict, out: Path, model_dir: Path, cpus_per_task: int,
                   workers: int | None, batch_size: int, heatmaps: bool, annotate: bool,
-                  maps: str | None, fmt: str, say: Callable[[str], None],
+                  maps: str | None, fmt: str, engine: str, say: Callable[[str], None],
                   start: float) -> tuple[int, int]:
     ray = _ray()
     import ray.data  # noqa: F811 - the submodule of the package _ray() checked
@@ -222,7 +223,7 @@ def _score_on_ray(todo: list[int], plan: dict, out: Path, model_dir: Path, cpus_
         fn_constructor_kwargs={"model_dir": str(model_dir), "out": str(out),
                                "batch_size": batch_size, "heatmaps": heatmaps,
                                "annotate": annotate, "maps": maps, "fmt": fmt,
-                               "threads": cpus_per_task},
+                               "threads": cpus_per_task, "engine": engine},
         # Ray Data restarts a killed actor and retries its call without limit by default;
         # the shard is then rewritten whole, and its output appears once, by rename.
         compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_task)
@@ -242,13 +243,14 @@ class ShardScorer:
     """A Ray Data actor: loads the model once, then scores whole shards."""
 
     def __init__(self, model_dir: str, out: str, batch_size: int, heatmaps: bool,
-                 annotate: bool, maps: str | None, fmt: str, threads: int):
+                 annotate: bool, maps: str | None, fmt: str, threads: int,
+                 engine: str = "auto"):
         import torch
 
         from .detector import Detector
 
         torch.set_num_threads(threads)
-        self.detector = Detector.load(model_dir)
+        self.detector = Detector.load(model_dir, engine)
         self.out = Path(out)
         self.options = {"batch_size": batch_size, "heatmaps": heatmaps, "annotate": annotate,
                         "maps": maps, "fmt": fmt}

@@ -373,12 +373,17 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 class TestDataset(torch.utils.data.Dataset):
-    """Test images with their masks: (image tensor, bool mask (mask_size²), index); an
-    all-False mask for good images and where the category has no masks."""
+    """Test images for evaluation: ``(image tensor (3, size, size), mask, index, target)``.
+
+    ``target`` is the ``(height, width)`` at which the image's map is compared with its mask:
+    the image's own size when ``mask_size`` is None (the official MVTec protocol), else
+    ``mask_size`` squared. ``mask`` is a bool array of that size, or None for good images and
+    where the category has no masks. Batch with :func:`collate_test` (sizes differ).
+    """
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, items: Sequence[TestImage], size: int, mask_size: int):
+    def __init__(self, items: Sequence[TestImage], size: int, mask_size: int | None = None):
         self.items = list(items)
         self.size = size
         self.mask_size = mask_size
@@ -388,9 +393,14 @@ class TestDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         item = self.items[index]
-        image = image_to_tensor(read_image(item.path), self.size)
-        if item.mask_path is None:
-            mask = np.zeros((self.mask_size, self.mask_size), dtype=bool)
-        else:
-            mask = read_mask(item.mask_path, self.mask_size)
-        return image, torch.from_numpy(mask), index
+        image = read_image(item.path)
+        target = ((image.height, image.width) if self.mask_size is None
+                  else (self.mask_size, self.mask_size))
+        mask = None if item.mask_path is None else read_mask(item.mask_path, self.mask_size)
+        return image_to_tensor(image, self.size), mask, index, target
+
+
+def collate_test(batch: list) -> tuple[torch.Tensor, list, list[int], list[tuple[int, int]]]:
+    """Stack a batch of :class:`TestDataset` items: images as one tensor, the rest as lists."""
+    images, masks, indices, targets = zip(*batch, strict=True)
+    return torch.stack(images), list(masks), list(indices), list(targets)

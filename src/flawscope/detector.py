@@ -25,6 +25,7 @@ class, so a decision is made by one code path wherever it is asked for.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,7 @@ class Detector:
         self.manifest = dict(manifest or {})
         self.directory = Path(directory) if directory is not None else None
         self.engine = engine
+        self.warmup_s: float | None = None
         self.decision: Decision = decision_for(self.manifest)
         #: Size rule for every image predicted (see :func:`flawscope.data.check_dimensions`).
         self.max_pixels, self.min_side = DEFAULT_MAX_PIXELS, MIN_SIDE
@@ -145,10 +147,24 @@ class Detector:
         return cls(result.model, manifest, out)
 
     @classmethod
-    def load(cls, directory: str | Path) -> Detector:
-        """A model directory written by :meth:`save` or ``flawscope fit``."""
+    def load(cls, directory: str | Path, engine: str = "auto") -> Detector:
+        """A model directory written by :meth:`save` or ``flawscope fit``.
+
+        ``engine`` runs the scoring graph: ``torch`` (eager), ``onnxruntime`` or ``openvino``
+        (the file ``flawscope export`` wrote and checked), or ``auto``: the fastest engine the
+        export measured whose parity check passed, else torch (see
+        :mod:`flawscope.engines`). The engine scores one blank image here, so one-time
+        set-up (building a backbone, allocating buffers) is not paid by the first real image;
+        ``warmup_s`` says how long that took.
+        """
+        from .engines import open_engine
+
         model, manifest = load_model(directory)
-        return cls(model, manifest, directory)
+        start = time.perf_counter()
+        scorer = open_engine(model, Path(directory), engine)
+        detector = cls(model, manifest, directory, scorer)
+        detector.warmup_s = time.perf_counter() - start
+        return detector
 
     def save(self, directory: str | Path) -> Path:
         """Write the model and its threshold to ``directory`` (atomically)."""
@@ -167,8 +183,13 @@ class Detector:
     def threshold(self) -> float | None:
         return self.decision.value
 
+    @property
+    def engine_name(self) -> str:
+        return getattr(self.engine, "name", "torch")
+
     def __repr__(self) -> str:
-        return (f"Detector(model={self.name!r}, threshold={self.threshold}, "
+        return (f"Detector(model={self.name!r}, engine={self.engine_name!r}, "
+                f"threshold={self.threshold}, "
                 f"directory={str(self.directory) if self.directory else None!r})")
 
     # ------------------------------------------------------------------ prediction
@@ -227,7 +248,7 @@ class Detector:
                              colour_range=visualize.display_range(amap, calibration))
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, data: str | Path, pixel_size: int = DEFAULT_PIXEL_SIZE,
+    def evaluate(self, data: str | Path, pixel_size: int | None = DEFAULT_PIXEL_SIZE,
                  batch_size: int = 16, out: str | Path | None = None) -> Evaluation:
         """Score a category's test images; ``.metrics`` holds everything ``flawscope test``
         writes (metrics, the stored threshold's false-alarm and detection rates, timings).
@@ -235,6 +256,9 @@ class Detector:
         evaluation = evaluate(self.model, data, pixel_size, batch_size, self.manifest,
                               self.engine)
         evaluation.metrics["model_dir"] = str(self.directory) if self.directory else None
+        evaluation.metrics["engine"] = self.engine_name
+        # The one-time cost of the first image, apart from the warm images/s above.
+        evaluation.metrics["cold_start_s"] = self.warmup_s
         if out is not None:
             from . import results
             from .gallery import save_report_assets

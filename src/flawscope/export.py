@@ -12,12 +12,21 @@ Export uses PyTorch's TorchScript-based exporter (``dynamo=False``): the dynamo 
 needs ``onnxscript``, which is not a flawscope dependency, and the graphs here are static.
 Every export is checked with onnxruntime on a batch of a different size from the one
 traced, so a graph that silently baked in a shape or a Python branch is caught.
+
+:func:`export_model_dir` is what ``flawscope export`` runs on a model directory: it writes
+``model.onnx`` beside the weights and records in the manifest (``exports.onnx``) the weights
+it was made from, the parity check's errors and the measured images/s of PyTorch and
+onnxruntime, which :func:`flawscope.engines.open_engine` uses to pick the engine. The file's
+metadata also carries the weights' SHA-256, so a file left behind by an earlier fit is
+recognised as stale even without the manifest entry.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +41,10 @@ from .models import AnomalyModel
 #: Largest accepted difference between onnxruntime and PyTorch, relative (see ``compare``).
 TOLERANCE = 1e-4
 OPSET = 17
+#: File name of the export inside a model directory.
+ONNX_FILE = "model.onnx"
+#: Batch size of the speed measurement recorded at export (what ``test`` and ``serve`` use).
+SPEED_BATCH = 16
 
 
 @dataclass
@@ -41,6 +54,8 @@ class ExportReport:
     score_rel_err: float
     map_rel_err: float
     checked_batch: int
+    #: Warm images/s per engine, when :func:`export_model_dir` measured them.
+    img_per_s: dict[str, float] | None = None
 
 
 def scoring_module(model: AnomalyModel) -> torch.nn.Module:
@@ -141,6 +156,7 @@ def _metadata(model: AnomalyModel, manifest: dict[str, Any]) -> dict[str, str]:
     threshold = manifest.get("threshold") or {}
     return {
         "flawscope_model": model.name,
+        "weights_sha256": str(manifest.get("weights_sha256", "")),
         "image_size": str(model.image_size),
         "input": "images float32 [B,3,S,S] RGB in [0,1]",
         "outputs": "scores [B]; maps [B,h,w] (resize bilinearly to the image)",
@@ -149,3 +165,123 @@ def _metadata(model: AnomalyModel, manifest: dict[str, Any]) -> dict[str, str]:
                                  "method": threshold.get("method")}),
         "normalized_score": "1 / (1 + exp(-(score - threshold.value) / threshold.scale))",
     }
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``lscpu``'s "Model name"), for every recorded speed."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def images_per_s(fn, batch: torch.Tensor | np.ndarray, min_s: float, min_runs: int = 2) -> float:
+    """Warm images/s of ``fn(batch)``: one untimed run first (lazy allocation, thread pools),
+    then at least ``min_runs`` runs and ``min_s`` seconds."""
+    fn(batch)
+    runs, start = 0, time.perf_counter()
+    while runs < min_runs or time.perf_counter() - start < min_s:
+        fn(batch)
+        runs += 1
+    return runs * len(batch) / (time.perf_counter() - start)
+
+
+def measure_speeds(model: AnomalyModel, path: str | Path, threads: int | None = None,
+                   batch_size: int = SPEED_BATCH, min_s: float = 1.0,
+                   openvino: bool = False) -> dict[str, float]:
+    """Warm images/s of PyTorch (``score_batch``) and of onnxruntime (and OpenVINO) on the
+    file at ``path``, on the same random batch, with ``threads`` threads each (default:
+    PyTorch's setting)."""
+    threads = threads or torch.get_num_threads()
+    size = model.image_size
+    batch = torch.rand(batch_size, 3, size, size, generator=torch.Generator().manual_seed(1))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            eager = images_per_s(model.score_batch, batch, min_s)
+    finally:
+        torch.set_num_threads(before)
+    session = onnx_session(path, threads)
+    arrays = batch.numpy()
+    ort = images_per_s(lambda x: session.run(None, {"images": x}), arrays, min_s)
+    speeds = {"torch": round(eager, 2), "onnxruntime": round(ort, 2)}
+    if openvino:
+        from .engines import OpenVinoEngine
+
+        engine = OpenVinoEngine(path, size, threads)
+        speeds["openvino"] = round(images_per_s(engine, batch, min_s), 2)
+    return speeds
+
+
+def check_openvino(model: AnomalyModel, path: str | Path,
+                   check_images: torch.Tensor | None = None) -> dict[str, Any]:
+    """OpenVINO's outputs on the exported file against PyTorch's, like the export's own
+    check: ``{"score_rel_err", "map_rel_err", "parity_ok", "version"}``."""
+    import openvino
+
+    from .engines import OpenVinoEngine
+
+    if check_images is None:
+        size = model.image_size
+        check_images = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    scores, maps = OpenVinoEngine(path, model.image_size)(check_images)
+    score_err, map_err = compare((scores.numpy(), maps.numpy()),
+                                 torch_outputs(scoring_module(model), check_images))
+    return {"score_rel_err": score_err, "map_rel_err": map_err,
+            "parity_ok": max(score_err, map_err) <= TOLERANCE,
+            "version": openvino.__version__}
+
+
+def export_model_dir(model_dir: str | Path, out: str | Path | None = None,
+                     check_images: torch.Tensor | None = None, measure_s: float = 1.0,
+                     threads: int | None = None) -> ExportReport:
+    """Export the model saved in ``model_dir`` (to ``model_dir/model.onnx`` by default),
+    check it, time the engines (warm, at least ``measure_s`` seconds each; 0 = no timing)
+    and record it all in the manifest's ``exports.onnx``. Where OpenVINO is installed the
+    file is checked and timed with it too (``exports.onnx.openvino``).
+
+    >>> report = export_model_dir("runs/screw")          # doctest: +SKIP
+    >>> read_manifest("runs/screw")["exports"]["onnx"]["img_per_s"]  # doctest: +SKIP
+    {'torch': 30.1, 'onnxruntime': 61.7}
+    """
+    import onnxruntime
+
+    from .modelfile import load_model, update_manifest
+
+    model_dir = Path(model_dir)
+    model, manifest = load_model(model_dir)
+    path = Path(out) if out is not None else model_dir / ONNX_FILE
+    report = export_onnx(model, path, manifest, check_images)
+    threads = threads or torch.get_num_threads()
+    entry: dict[str, Any] = {
+        "file": (path.name if path.resolve().parent == model_dir.resolve()
+                 else str(path.resolve())),
+        "weights_sha256": manifest.get("weights_sha256"),
+        "score_rel_err": report.score_rel_err,
+        "map_rel_err": report.map_rel_err,
+        "tolerance": TOLERANCE,
+        "parity_ok": True,  # export_onnx raises otherwise
+        "checked_batch": report.checked_batch,
+        "onnxruntime_version": onnxruntime.__version__,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    from .engines import openvino_available
+
+    with_openvino = openvino_available()
+    if with_openvino:
+        entry["openvino"] = check_openvino(model, path, check_images)
+        with_openvino = entry["openvino"]["parity_ok"]
+    if measure_s > 0:
+        entry["img_per_s"] = measure_speeds(model, path, threads, min_s=measure_s,
+                                            openvino=with_openvino)
+        entry["speed"] = {"batch": SPEED_BATCH, "threads": threads, "cpu": cpu_name()}
+    exports = dict(manifest.get("exports") or {})
+    exports["onnx"] = entry
+    update_manifest(model_dir, exports=exports)
+    report.img_per_s = entry.get("img_per_s")
+    return report

@@ -8,10 +8,10 @@ Pixel level (anomaly maps against ground-truth masks): ROC AUC over all pixels, 
 the area under the per-region-overlap curve up to a false-positive rate of 0.3, normalized to
 [0, 1] (Bergmann et al., "The MVTec Anomaly Detection Dataset", IJCV 2021). Both are exact
 (every distinct score is a threshold). They hold maps as float32 (never the whole category
-as float64) but sort all pixels, which costs about 50 bytes per pixel at the peak; so
-flawscope evaluates pixel metrics at a fixed resolution (``flawscope test --pixel-size``,
-default 256: each map and mask resized to 256 x 256), where a 1,000-image category needs
-about 3.3 GB. Lower ``--pixel-size`` where that does not fit.
+as float64) but sort all pixels, which costs about 50 bytes per pixel at the peak: a
+1,000-image category at 256 x 256 needs about 3.3 GB. For evaluation at each mask's own
+resolution, :class:`flawscope.pixelmetrics.PixelMetrics` computes both pixel metrics one
+image at a time in fixed memory, within a reported bound (about 1e-6) of these values.
 """
 
 from __future__ import annotations
@@ -116,10 +116,11 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return np.r_[0.0, fpr], np.r_[0.0, pro]
 
 
-def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
-    """Area under the PRO curve for FPR in [0, fpr_limit], divided by fpr_limit."""
-    fpr, pro = pro_curve(masks, maps)
-    # Cut the curve at fpr_limit, interpolating the PRO value there.
+def area_to_limit(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float = 0.3) -> float:
+    """Trapezoid area under a PRO curve for FPR in [0, fpr_limit], divided by fpr_limit.
+
+    ``fpr`` ascending from 0; the curve is cut at the limit, interpolating PRO there.
+    """
     keep = fpr <= fpr_limit
     fpr_cut, pro_cut = fpr[keep], pro[keep]
     if fpr_cut[-1] < fpr_limit:
@@ -127,6 +128,12 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
         fpr_cut = np.r_[fpr_cut, fpr_limit]
         pro_cut = np.r_[pro_cut, pro_at_limit]
     return float(np.trapezoid(pro_cut, fpr_cut) / fpr_limit)
+
+
+def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
+    """Area under the PRO curve for FPR in [0, fpr_limit], divided by fpr_limit."""
+    fpr, pro = pro_curve(masks, maps)
+    return area_to_limit(fpr, pro, fpr_limit)
 
 
 def compute_all(labels: Sequence[int], scores: Sequence[float], defect_types: Sequence[str],

@@ -62,6 +62,28 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.
     return dist
 
 
+#: Bank rows per block of :func:`blocked_nearest_distances`.
+GRAPH_BANK_BLOCK = 1024
+
+
+def blocked_nearest_distances(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor,
+                              bank_block: int = GRAPH_BANK_BLOCK) -> torch.Tensor:
+    """Brute force as a fixed graph: the distance from every query row to its nearest bank row.
+
+    Like :func:`nearest_distances` but without chunking the queries, whose number depends on
+    the batch: the loop runs over the bank only (its size is fixed), so it traces into the
+    same operations for any batch size and exports to ONNX as ``ceil(N / bank_block)``
+    ``Gemm`` + ``ReduceMin`` pairs with a running ``Min``.
+    """
+    best = None
+    for first in range(0, len(bank), bank_block):
+        d2 = torch.addmm(bank_sq[first:first + bank_block], queries,
+                         bank[first:first + bank_block].T, alpha=-2)  # |m|^2 - 2 q.m
+        tile_min = d2.amin(1)
+        best = tile_min if best is None else torch.minimum(best, tile_min)
+    return (best + (queries * queries).sum(1)).clamp_min(0).sqrt()
+
+
 def nearest_indices(queries: torch.Tensor, bank: torch.Tensor,
                     bank_sq: torch.Tensor) -> torch.Tensor:
     """Index of the nearest bank row for each of a few query rows (brute force)."""

@@ -20,21 +20,24 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from . import __version__
-from .data import Category, ImageDataset, TestDataset, open_category
+from .data import Category, ImageDataset, TestDataset, collate_test, open_category
 from .errors import FlawscopeError
 from .metrics import compute_all
 from .modelfile import save_model
 from .models import AnomalyModel, get_model_class
 from .models.base import resize_maps
+from .pixelmetrics import PixelMetrics
 from .threshold import DEFAULT_MAX_FALSE_ALARM, check_alpha, from_good_scores, rates
 
 log = logging.getLogger(__name__)
 
-#: Resolution (square) at which anomaly maps and masks are compared for pixel metrics.
-DEFAULT_PIXEL_SIZE = 256
+#: Resolution at which anomaly maps and masks are compared for pixel metrics: None = each
+#: mask's own (the official MVTec AD protocol), or a square size.
+DEFAULT_PIXEL_SIZE = None
 #: Fraction of train/good held out from fitting and scored afterwards, so that what "normal"
 #: scores look like is known without any labelled defect (used for thresholds and heat-map
 #: colour scales).
@@ -199,8 +202,8 @@ class Evaluation:
     scores: np.ndarray
     labels: np.ndarray
     defect_types: list[str]
-    maps: np.ndarray  # (N, P, P) float32 at the pixel-metric resolution
-    masks: np.ndarray  # (N, P, P) bool
+    maps: np.ndarray  # (N, S, S) float32 at the model's resolution, for pictures
+    masks: np.ndarray  # (N, S, S) bool, the masks at the same size
     infer_s: float
     #: Everything ``flawscope test`` writes to metrics.json (see :mod:`flawscope.results`).
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -211,38 +214,47 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(model: AnomalyModel, data_dir: str | Path, pixel_size: int = DEFAULT_PIXEL_SIZE,
+def evaluate(model: AnomalyModel, data_dir: str | Path, pixel_size: int | None = None,
              batch_size: int = 16, manifest: dict[str, Any] | None = None,
              engine: Engine | None = None) -> Evaluation:
     """Score every test image of a category and compute all metrics.
 
-    Only ``test/`` (and ``ground_truth/`` where it exists) is read. ``manifest`` (the model
-    directory's) adds the stored decision threshold's false-alarm and detection rates and the
-    fit's figures. ``infer_s`` counts only the model's scoring (not image decoding), so
-    images/s compares models rather than disks.
+    Only ``test/`` (and ``ground_truth/`` where it exists) is read. Pixel metrics compare each
+    map with its mask at the mask's own resolution (``pixel_size=None``, the official MVTec
+    protocol) or with both resized to ``pixel_size`` squared; they are streamed image by image
+    (:class:`~flawscope.pixelmetrics.PixelMetrics`), so memory does not grow with the pixel
+    count. ``manifest`` (the model directory's) adds the stored decision threshold's
+    false-alarm and detection rates and the fit's figures. ``infer_s`` counts only the model's
+    scoring (not image decoding), so images/s compares models rather than disks.
     """
     category = open_category(data_dir, train=False, test=True)
     items = category.require_test()
-    n = len(items)
-    maps = np.zeros((n, pixel_size, pixel_size), dtype=np.float32)
-    masks = np.zeros((n, pixel_size, pixel_size), dtype=bool)
+    n, size = len(items), model.image_size
+    maps = np.zeros((n, size, size), dtype=np.float32)  # for the report's pictures
+    masks = np.zeros((n, size, size), dtype=bool)
     scores = np.zeros(n, dtype=np.float64)
-    loader = torch.utils.data.DataLoader(TestDataset(items, model.image_size, pixel_size),
-                                         batch_size=batch_size)
+    pixels = PixelMetrics() if category.has_masks else None
+    loader = torch.utils.data.DataLoader(TestDataset(items, size, pixel_size),
+                                         batch_size=batch_size, collate_fn=collate_test)
     infer_s = 0.0
-    for images, batch_masks, index in tqdm(loader, desc=f"testing {category.name}",
-                                           leave=False, disable=None):
+    for images, batch_masks, indices, targets in tqdm(loader, desc=f"testing {category.name}",
+                                                      leave=False, disable=None):
         start = time.perf_counter()
         s, m = model.score_tensor(images, engine)
         infer_s += time.perf_counter() - start
-        idx = index.numpy()
-        scores[idx] = s.numpy()
-        maps[idx] = resize_maps(m, (pixel_size, pixel_size)).numpy()
-        masks[idx] = batch_masks.numpy()
+        for j, i in enumerate(indices):
+            scores[i], maps[i] = float(s[j]), m[j].numpy()
+            mask = batch_masks[j]
+            if mask is not None:
+                masks[i] = np.asarray(Image.fromarray(mask).resize((size, size),
+                                                                   Image.NEAREST))
+            if pixels is not None:
+                pixels.add(resize_maps(m[j][None], targets[j])[0].numpy(), mask)
     labels = np.array([int(t.is_anomalous) for t in items])
     defect_types = [t.defect_type for t in items]
-    metrics = compute_all(labels, scores, defect_types,
-                          masks if category.has_masks else None, maps)
+    metrics = compute_all(labels, scores, defect_types)
+    if pixels is not None:
+        metrics.update(pixels.result())
     evaluation = Evaluation(category, scores, labels, defect_types, maps, masks, infer_s)
     evaluation.metrics = metrics_record(metrics, evaluation, model, manifest or {}, data_dir,
                                         pixel_size)
@@ -251,7 +263,7 @@ def evaluate(model: AnomalyModel, data_dir: str | Path, pixel_size: int = DEFAUL
 
 def metrics_record(metrics: dict[str, Any], evaluation: Evaluation, model: AnomalyModel,
                    manifest: dict[str, Any], data_dir: str | Path,
-                   pixel_size: int) -> dict[str, Any]:
+                   pixel_size: int | None) -> dict[str, Any]:
     """The metrics.json record: the metrics, the stored decision on this test set, the
     fit's and the scoring's figures, and versions."""
     fit_info = manifest.get("fit_info") or {}
@@ -265,7 +277,8 @@ def metrics_record(metrics: dict[str, Any], evaluation: Evaluation, model: Anoma
         "category": evaluation.category.name,
         "n_images": n,
         "n_defective": int(evaluation.labels.sum()),
-        "pixel_size": pixel_size if evaluation.category.has_masks else None,
+        "pixel_size": (None if not evaluation.category.has_masks
+                       else "native" if pixel_size is None else pixel_size),
         "fit_s": fit_info.get("fit_s"),
         "infer_s": evaluation.infer_s,
         "infer_img_per_s": n / evaluation.infer_s if evaluation.infer_s > 0 else None,

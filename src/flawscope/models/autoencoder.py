@@ -59,14 +59,18 @@ lr 1e-3, random horizontal flip); see the closing notes of issue 3 for seconds p
 ``fast`` (the default): the paper's 128 px network, 256 batches of 16, which trains in
 1-3 minutes on 2 CPU cores: enough for coarse reconstructions, not for fine detail.
 
-**Training** draws every random number (image order, flips) from one generator seeded by
-``seed``; initial weights come from ``seed`` too, so a fit is reproducible (for the same
-thread count). Given a ``workdir`` it checkpoints after every epoch and on Ctrl-C (weights,
-optimizer, RNG and position in the epoch; ``torch.save`` of plain tensors and dicts, loaded
-with ``weights_only=True``), and a new fit with the same settings and images continues from
-there, bit for bit; ``epochs`` and picture settings may change in between, so a finished fit
-can be extended. The workdir also receives ``losses.csv``, ``losses.png`` and
-``reconstructions.png`` (original / reconstruction / anomaly map of a few training images).
+**Training** runs in the shared loop of :mod:`flawscope.trainloop`. It draws every random
+number (image order, flips) from one generator seeded by ``seed``; initial weights come from
+``seed`` too, so a fit is reproducible (for the same thread count). Given a ``workdir`` it
+checkpoints after every epoch and on Ctrl-C, which takes effect at the end of the optimizer
+step in progress (weights, optimizer, RNG and position in the epoch; ``torch.save`` of plain
+tensors and dicts, loaded with ``weights_only=True``), and a new fit with the same settings
+and images continues from there, bit for bit; ``epochs`` and picture settings may change in
+between, so a finished fit can be extended. A diverging loss (non-finite, or an epoch's mean
+over twice its recent low) sends training back to its best epoch at half the learning rate,
+at most three times, then stops with an error naming the epoch. The workdir also receives
+``losses.csv``, ``losses.png`` and ``reconstructions.png`` (original / reconstruction /
+anomaly map of a few training images).
 
 **Memory.** Training images are decoded once and kept as uint8 (3 · S² bytes each: 150 MB
 for 760 images at 256 px); nothing else grows with the dataset. Scoring is per batch.
@@ -79,8 +83,6 @@ import hashlib
 import json
 import logging
 import math
-import signal
-import threading
 from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,12 +94,11 @@ import torch.nn.functional as F
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from torch import nn
-from tqdm import tqdm
 
-from ..checkpoint import load_checkpoint, save_checkpoint
 from ..errors import FlawscopeError
 from ..ssim import gaussian_window, separable_blur, ssim_map
 from ..trainfiles import tile, to_uint8, write_csv
+from ..trainloop import TrainLoop
 from . import register
 from .base import AnomalyModel, ScoreBatchModule
 
@@ -354,86 +355,39 @@ class _Autoencoder(AnomalyModel):
         return x
 
     def _train(self, data: torch.Tensor, workdir: Path | None) -> None:
-        """The epoch loop: resume, progress bar, checkpoints, loss curve.
-
-        A checkpoint records the position (epoch, batch), the epoch's image order, the RNG
-        state, weights, optimizer state and the losses so far, so a resumed fit continues
-        exactly as the uninterrupted one would have.
-        """
+        """Adam on the loss, in the shared loop (resume, Ctrl-C, divergence, loss CSV)."""
         c = self.config
         gen = torch.Generator().manual_seed(c.seed)
         opt = torch.optim.Adam(self.net.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        n_batches = self._n_batches(len(data))
-        fingerprint = self._fingerprint(data)
-        path = workdir / CHECKPOINT if workdir is not None else None
-        pos: dict[str, Any] = {"epoch": 0, "batch": 0, "order": None, "loss_sum": 0.0,
-                               "history": []}
-        saved = load_checkpoint(path, fingerprint, c.epochs) if path is not None else None
-        if saved is not None:
-            self.net.load_state_dict(saved["net"])
-            opt.load_state_dict(saved["optimizer"])
-            gen.set_state(saved["rng"])
-            pos = {k: saved[k] for k in pos}
-            log.info("%s: resuming at epoch %d, batch %d", self.name, pos["epoch"] + 1,
-                     pos["batch"])
 
-        def save() -> None:
-            if path is not None:
-                save_checkpoint(path, {"fingerprint": fingerprint, **pos,
-                                        "rng": gen.get_state(), "net": self.net.state_dict(),
-                                        "optimizer": opt.state_dict()})
+        def batch(order: torch.Tensor, b: int) -> torch.Tensor:
+            idx = order[b * c.batch_size:(b + 1) * c.batch_size]
+            return self._augment(data[idx], gen).float() / 255
 
-        def step(x: torch.Tensor) -> float:
+        def step(x: torch.Tensor, n_step: int) -> dict[str, float]:
+            self.net.train()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(c.bf16)):
                 rec = self._reconstruct01(x)
             loss = self.loss(x, rec.float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FlawscopeError(f"{self.name}: training loss became {value}; try a "
-                                     "smaller lr")
-            return value
+            return {"loss": float(loss.detach())}
 
-        done = pos["epoch"] * n_batches + pos["batch"]
-        bar = tqdm(total=c.epochs * n_batches, initial=done, desc=f"training {self.name}",
-                   disable=None, mininterval=1.0, unit="batch")
-        with _DeferredInterrupt() as ctrl_c:
-            try:
-                while pos["epoch"] < c.epochs:
-                    epoch = pos["epoch"] + 1  # 1-based in files and messages
-                    if pos["order"] is None:
-                        pos["order"] = self._epoch_order(len(data), gen)
-                    self.net.train()
-                    while pos["batch"] < n_batches:
-                        b = pos["batch"]
-                        idx = pos["order"][b * c.batch_size:(b + 1) * c.batch_size]
-                        value = step(self._augment(data[idx], gen).float() / 255)
-                        pos["loss_sum"] += value
-                        pos["batch"] += 1
-                        bar.update(1)
-                        bar.set_postfix(epoch=epoch, loss=f"{value:.4g}", refresh=False)
-                        if ctrl_c.requested:  # between two batches: a consistent state
-                            save()
-                            log.warning("%s interrupted at epoch %d, batch %d; checkpoint in %s: "
-                                        "run the same fit again to resume", self.name, epoch,
-                                        pos["batch"], path)
-                            raise KeyboardInterrupt
-                    pos["history"].append({"epoch": epoch, "loss": pos["loss_sum"] / n_batches})
-                    pos.update(epoch=epoch, batch=0, order=None, loss_sum=0.0)
-                    save()
-                    self.history = pos["history"]
-                    if workdir is not None:
-                        write_csv(self.history, workdir / "losses.csv")
-                        if c.picture_every > 0 and epoch % c.picture_every == 0:
-                            self._pictures(data, workdir)
-                    if epoch % max(1, c.epochs // 10) == 0 or epoch == c.epochs:
-                        log.info("%s epoch %d/%d: loss %.4g", self.name, epoch, c.epochs,
-                                 self.history[-1]["loss"])
-            finally:
-                bar.close()
-        self.history = pos["history"]
+        def pictures(epoch: int, history: list[dict[str, float]]) -> None:
+            self.history = history
+            self._pictures(data, workdir)
+
+        loop = TrainLoop(
+            f"training {self.name}", modules={"net": self.net}, optimizers={"net": opt},
+            generator=gen, epochs=c.epochs, batches_per_epoch=self._n_batches(len(data)),
+            epoch_order=lambda g: self._epoch_order(len(data), g), batch=batch, step=step,
+            monitor="loss", checkpoint=workdir / CHECKPOINT if workdir else None,
+            fingerprint=self._fingerprint(data),
+            csv=workdir / "losses.csv" if workdir else None,
+            pictures=pictures if workdir else None, picture_every=c.picture_every,
+            upgrade=_upgrade_checkpoint)
+        self.history = loop.run()
 
     def _pictures(self, data: torch.Tensor, workdir: Path) -> None:
         """Loss curve and original / reconstruction / anomaly map of a few train images."""
@@ -499,34 +453,14 @@ class SSIMAutoencoder(_Autoencoder):
         return 1 - ssim_map(x01, rec01).mean(1)
 
 
-class _DeferredInterrupt:
-    """Ctrl-C during training takes effect between two batches, not in the middle of an
-    optimizer step, so the checkpoint written on the way out is a consistent state (weights,
-    optimizer and RNG all after the same batch). A second Ctrl-C stops at once; the last
-    epoch's checkpoint is then what a new fit resumes from.
-
-    Only the main thread can own SIGINT; elsewhere Ctrl-C behaves as usual.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("Ctrl-C: stopping after this batch (press again to stop now)")
-
-    def __enter__(self) -> _DeferredInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+def _upgrade_checkpoint(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint of the autoencoders' own loop (before the shared one) in today's layout."""
+    if "net" not in saved:
+        return saved
+    batch = saved["batch"]
+    return {**saved, "modules": {"net": saved["net"]}, "optimizers": {"net": saved["optimizer"]},
+            "sums": {"loss": [saved["loss_sum"], batch]} if batch else {},
+            "n_step": 0}  # the autoencoders' step does not read it
 
 
 # ---------------------------------------------------------------------------- files

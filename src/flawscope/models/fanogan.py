@@ -26,9 +26,13 @@ WGAN-GP betas (0, 0.9). ``batches_per_epoch`` (0 = one pass over the data, as in
 lets the ``fast`` preset spend the same compute on a 37-image category as on a 700-image one.
 
 All randomness of training (data order, flips, ``z``, gradient-penalty mixing) comes from one
-seeded generator, so a fit is reproducible for a seed (with the same thread count). With a
-``workdir`` each stage checkpoints after every epoch and on Ctrl-C, and a new ``fit`` with the
-same settings and images resumes where it stopped, bit for bit. A fit that only changes
+seeded generator, so a fit is reproducible for a seed (with the same thread count). Both
+stages run in the shared loop of :mod:`flawscope.trainloop`: with a ``workdir`` each stage
+checkpoints after every epoch and on Ctrl-C (which takes effect at the end of the optimizer
+step in progress, the generator's included), and a new ``fit`` with the same settings and
+images resumes where it stopped, bit for bit. A non-finite loss or weight, or in stage 2 an
+epoch whose encoder loss is over twice its recent low, sends the stage back to its best epoch
+at half the learning rate (at most three times, then a clear error). A fit that only changes
 ``kappa`` or ``encoder_lr`` reuses the finished stage 1 and retrains the encoder alone. The
 workdir also receives the pictures of training: generated samples, reconstructions, and loss
 curves (PNG and CSV).
@@ -50,11 +54,10 @@ import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from torch import nn
-from tqdm import tqdm
 
-from ..checkpoint import load_checkpoint, save_checkpoint
 from ..errors import FlawscopeError
-from ..trainfiles import tile, to_uint8, write_csv
+from ..trainfiles import tile, to_uint8
+from ..trainloop import TrainLoop
 from . import register
 from .base import AnomalyModel, ScoreBatchModule
 
@@ -383,11 +386,13 @@ class FAnoGANModel(AnomalyModel):
                 samples = (G(z_show) + 1) / 2
             _save_grid(samples, 8, workdir / f"stage1_samples_epoch{epoch:05d}.png")
 
+        # No monitor: the critic's loss and the Wasserstein estimate may be negative and swing
+        # by design, so only non-finite losses and weights count as divergence here.
         self._run_stage(
             "stage1", "f-AnoGAN stage 1 (WGAN-GP)", data, gen, workdir, fingerprint,
             epochs=c.stage1_epochs, modules={"G": G, "D": D},
             optimizers={"G": opt_g, "D": opt_d}, step=step, pictures=pictures,
-            picture_every=c.picture_every_stage1)
+            picture_every=c.picture_every_stage1, monitor=None)
 
     def _train_stage2(self, data: torch.Tensor, gen: torch.Generator, workdir: Path | None,
                       fingerprint: str) -> None:
@@ -427,7 +432,7 @@ class FAnoGANModel(AnomalyModel):
                 "stage2", "f-AnoGAN stage 2 (encoder)", data, gen, workdir,
                 fingerprint, epochs=c.stage2_epochs, modules={"E": E},
                 optimizers={"E": opt_e}, step=step, pictures=pictures,
-                picture_every=c.picture_every_stage2)
+                picture_every=c.picture_every_stage2, monitor="encoder_loss")
         finally:
             G.requires_grad_(True)
             D.requires_grad_(True)
@@ -436,81 +441,27 @@ class FAnoGANModel(AnomalyModel):
                    workdir: Path | None, fingerprint: str, epochs: int,
                    modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
                    step: Callable[[torch.Tensor, int], dict[str, float]],
-                   pictures: Callable[[int], None], picture_every: int) -> None:
-        """The epoch loop shared by both stages: resume, progress bar, checkpoints, pictures.
+                   pictures: Callable[[int], None], picture_every: int,
+                   monitor: str | None) -> None:
+        """One stage in the shared loop (:mod:`flawscope.trainloop`): position, RNG,
+        checkpoints, Ctrl-C at the end of a step, divergence checks, loss CSV and pictures."""
+        checkpoint = STAGE1_CHECKPOINT if stage == "stage1" else STAGE2_CHECKPOINT
 
-        A checkpoint records the position (epoch, batch), the epoch's image order, the RNG
-        state, weights, optimizer states and the losses so far, so a resumed fit continues
-        exactly as the uninterrupted one would have.
-        """
-        n_batches = self._batches(len(data))
-        path = workdir / (STAGE1_CHECKPOINT if stage == "stage1" else STAGE2_CHECKPOINT) \
-            if workdir is not None else None
-        pos = {"epoch": 0, "batch": 0, "n_step": 0, "order": None, "sums": {}, "history": []}
-        saved = (load_checkpoint(path, fingerprint, epochs, "this training stage")
-                 if path is not None else None)
-        if saved is not None:
-            for key, net in modules.items():
-                net.load_state_dict(saved["modules"][key])
-            for key, opt in optimizers.items():
-                opt.load_state_dict(saved["optimizers"][key])
-            gen.set_state(saved["rng"])
-            pos = {k: saved[k] for k in pos}
-            log.info("%s: resuming at epoch %d, batch %d", desc, pos["epoch"] + 1,
-                     pos["batch"])
+        def draw(epoch: int, history: list[dict[str, float]]) -> None:
+            pictures(epoch)
+            self.history[stage] = history
+            self._plot_losses(workdir)
 
-        def save() -> None:
-            if path is None:
-                return
-            save_checkpoint(path, {
-                "fingerprint": fingerprint, **pos, "rng": gen.get_state(),
-                "modules": {k: net.state_dict() for k, net in modules.items()},
-                "optimizers": {k: opt.state_dict() for k, opt in optimizers.items()}})
-
-        done = pos["epoch"] * n_batches + pos["batch"]
-        bar = tqdm(total=epochs * n_batches, initial=done, desc=desc, disable=None,
-                   mininterval=1.0, unit="batch")
-        shown: dict[str, str] = {}
-        try:
-            while pos["epoch"] < epochs:
-                epoch = pos["epoch"] + 1  # 1-based in files and messages
-                if pos["order"] is None:
-                    pos["order"] = self._epoch_order(len(data), gen)
-                while pos["batch"] < n_batches:
-                    x = self._batch(data, pos["order"], pos["batch"], gen)
-                    pos["n_step"] += 1
-                    losses = step(x, pos["n_step"])
-                    for key, value in losses.items():  # [sum, count]: G is not every batch
-                        total = pos["sums"].setdefault(key, [0.0, 0])
-                        total[0] += value
-                        total[1] += 1
-                    pos["batch"] += 1
-                    shown.update({"epoch": str(epoch),
-                                  **{k: f"{v:.4g}" for k, v in losses.items()}})
-                    bar.update(1)
-                    bar.set_postfix(shown, refresh=False)
-                means = {k: v[0] / v[1] for k, v in pos["sums"].items()}
-                pos["history"].append({"epoch": epoch, **means})
-                pos.update(epoch=epoch, batch=0, order=None, sums={})
-                save()
-                if workdir is not None:
-                    write_csv(pos["history"], workdir / f"losses_{stage}.csv")
-                    if picture_every > 0 and (epoch == 1 or epoch == epochs
-                                              or epoch % picture_every == 0):
-                        pictures(epoch)
-                        self.history[stage] = pos["history"]
-                        self._plot_losses(workdir)
-                if epoch % max(1, epochs // 10) == 0 or epoch == epochs:
-                    log.info("%s epoch %d/%d: %s", desc, epoch, epochs,
-                             ", ".join(f"{k} {v:.4g}" for k, v in means.items()))
-        except KeyboardInterrupt:
-            save()
-            log.warning("%s interrupted; checkpoint saved, run the same fit again to resume",
-                        desc)
-            raise
-        finally:
-            bar.close()
-        self.history[stage] = pos["history"]
+        loop = TrainLoop(
+            desc, modules=modules, optimizers=optimizers, generator=gen, epochs=epochs,
+            batches_per_epoch=self._batches(len(data)),
+            epoch_order=lambda g: self._epoch_order(len(data), g),
+            batch=lambda order, b: self._batch(data, order, b, gen), step=step,
+            monitor=monitor, checkpoint=workdir / checkpoint if workdir else None,
+            fingerprint=fingerprint, csv=workdir / f"losses_{stage}.csv" if workdir else None,
+            pictures=draw if workdir else None, picture_every=picture_every,
+            what="this training stage")
+        self.history[stage] = loop.run()
 
     def _plot_losses(self, workdir: Path) -> None:
         """Loss curves of both stages side by side (what was trained so far)."""

@@ -7,10 +7,17 @@ After Roth et al., "Towards Total Recall in Industrial Anomaly Detection" (CVPR 
    patch features: a patch sees its surroundings, which makes the features robust to small
    shifts), the coarser one is upsampled to the finer one's resolution, and they are
    concatenated: one feature vector per patch position.
-2. Fitting keeps a greedy k-center coreset of all training patches (:mod:`flawscope.coreset`),
-   ``coreset_ratio`` of them: nearly the coverage of the full set at a fraction of the size.
+2. Fitting keeps a greedy k-center coreset of all training patches, ``coreset_ratio`` of
+   them: nearly the coverage of the full set at a fraction of the size. ``coreset="exact"``
+   is the paper's selection (:mod:`flawscope.coreset`), whose time grows with the square of
+   the number of patches; ``coreset="approx"`` runs greedy k-center inside k-means cells on
+   streamed chunks of features (:mod:`flawscope.cellcoreset`): time linear in the number of
+   images, memory one chunk plus the kept patches; ``"auto"`` (default) picks exact up to
+   ``AUTO_EXACT_PATCHES`` training patches and approx above.
 3. A patch's score is the Euclidean distance to its nearest neighbour in the memory bank
-   (exact, found by :mod:`flawscope.nnsearch`, which skips most of the bank); the
+   (exact, found by :mod:`flawscope.nnsearch`, which skips most of the bank; the exported
+   graph of :meth:`PatchCoreModel.onnx_module` computes the same distances by brute force
+   over blocks of the bank, a fixed graph for any batch size); the
    image score is the largest patch score (or, with ``reweight``, the paper's re-weighted
    version of it, which discounts a patch whose nearest neighbour sits in a dense region of
    the bank); the map is upsampled to the image and smoothed with a Gaussian of ``sigma``.
@@ -26,8 +33,10 @@ saved model scores exactly like the one in memory.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +45,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..backbones import FeatureExtractor
+from ..cellcoreset import StreamingCoreset
 from ..coreset import greedy_coreset
 from ..errors import FlawscopeError
-from ..nnsearch import ClusteredBank
+from ..nnsearch import ClusteredBank, blocked_nearest_distances, nearest_indices
 from . import register
 from ._maps import upsample_and_smooth
 from .base import AnomalyModel
@@ -46,6 +56,13 @@ from .base import AnomalyModel
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
+_CORESETS = ("auto", "exact", "approx")
+
+#: ``coreset="auto"`` selects exactly up to this many training patches (about 250 images at
+#: 256 px): the exact selection takes about 2 minutes there on 2 cores, and above it the
+#: approximate one is many times faster at the same detection accuracy
+#: (benchmarks/patchcore_scale.py).
+AUTO_EXACT_PATCHES = 250_000
 
 
 @dataclass
@@ -58,6 +75,12 @@ class PatchCoreConfig:
     stages: tuple[int, ...] = (2, 4)
     #: Fraction of all training patches kept in the memory bank.
     coreset_ratio: float = 0.1
+    #: Coreset selection: "exact" (greedy k-center over all patches, Roth et al.; time grows
+    #: with the square of the patch count: 93 s for 190 images, 716 s for 360), "approx"
+    #: (greedy k-center inside k-means cells of streamed chunks, flawscope.cellcoreset; time
+    #: linear in the number of images, memory bounded by a chunk plus the kept patches) or
+    #: "auto" (exact up to AUTO_EXACT_PATCHES patches, approx above).
+    coreset: str = "auto"
     #: Dimension of a random projection used only while selecting the coreset; 0 = select on
     #: the features themselves. The paper projects to save time on wide backbones; at
     #: EfficientNet-Lite's 152 channels projecting to 128 saves only 16% of the coreset's
@@ -86,8 +109,8 @@ class PatchCoreModel(AnomalyModel):
         "default": {},
         # Smaller input and bank: about twice the speed, for large parts / coarse defects.
         "fast": {"image_size": 224, "coreset_ratio": 0.01},
-        # The paper's image score; full-precision bank.
-        "paper": {"reweight": True, "bank_dtype": "float32"},
+        # The paper's image score and exact coreset; full-precision bank.
+        "paper": {"reweight": True, "bank_dtype": "float32", "coreset": "exact"},
     }
     default_preset = "default"
 
@@ -96,6 +119,9 @@ class PatchCoreModel(AnomalyModel):
         if self.config.bank_dtype not in _DTYPES:
             raise FlawscopeError(f"bank_dtype={self.config.bank_dtype!r}: choose "
                                  f"{' or '.join(_DTYPES)}")
+        if self.config.coreset not in _CORESETS:
+            raise FlawscopeError(f"coreset={self.config.coreset!r}: choose "
+                                 f"{', '.join(_CORESETS)}")
         if not 0 < self.config.coreset_ratio <= 1:
             raise FlawscopeError(f"coreset_ratio={self.config.coreset_ratio}: must be in (0, 1]")
         if len(self.config.stages) < 1:
@@ -115,37 +141,53 @@ class PatchCoreModel(AnomalyModel):
     @torch.inference_mode()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, S, S)`` -> locally aware patch features ``(B, C, h, w)``."""
-        features = self.extractor(images)
-        features = [F.avg_pool2d(f, 3, stride=1, padding=1) for f in features]
-        size = features[0].shape[-2:]
-        features = [f if f.shape[-2:] == size else
-                    F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-                    for f in features]
-        return torch.cat(features, 1)
+        return patch_features(self.extractor, images)
 
     # ----------------------------------------------------------------- fitting
     def fit(self, images: torch.utils.data.Dataset, workdir: Path | None = None) -> None:
         if len(images) == 0:
             raise FlawscopeError("patchcore needs at least one training image")
         loader = torch.utils.data.DataLoader(images, batch_size=self.config.batch_size)
+        batches = (self.embed(batch) for batch in tqdm(loader, desc="features", leave=False,
+                                                        disable=None))
+        first = next(batches)
+        n_patches = len(images) * first.shape[2] * first.shape[3]
+        method = self.config.coreset
+        if method == "auto":
+            method = "exact" if n_patches <= AUTO_EXACT_PATCHES else "approx"
+        log.info("selecting %s of %d patches (%s coreset)", self.config.coreset_ratio,
+                 n_patches, method)
+        fit_bank = self._exact_bank if method == "exact" else self._approx_bank
+        bank = fit_bank(itertools.chain([first], batches), n_patches)
+        self._set_bank(bank.to(_DTYPES[self.config.bank_dtype]).contiguous())
+
+    @staticmethod
+    def _rows(emb: torch.Tensor) -> torch.Tensor:
+        return emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+
+    def _exact_bank(self, batches: Iterator[torch.Tensor], n_patches: int) -> torch.Tensor:
         bank: torch.Tensor | None = None
         filled = 0
-        for batch in tqdm(loader, desc="features", leave=False, disable=None):
-            emb = self.embed(batch)
-            rows = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+        for emb in batches:
+            rows = self._rows(emb)
             if bank is None:  # one preallocated matrix: no list of batches plus a copy
-                per_image = rows.shape[0] // emb.shape[0]
-                bank = torch.empty(len(images) * per_image, rows.shape[1])
+                bank = torch.empty(n_patches, rows.shape[1])
             bank[filled:filled + len(rows)] = rows
             filled += len(rows)
         assert bank is not None and filled == len(bank)
         n_select = max(1, math.ceil(self.config.coreset_ratio * len(bank)))
-        log.info("selecting %d of %d patches", n_select, len(bank))
         if n_select < len(bank):
             chosen = greedy_coreset(bank, n_select, self.config.projection_dim,
                                     seed=int(self.config.seed))
             bank = bank[chosen]
-        self._set_bank(bank.to(_DTYPES[self.config.bank_dtype]).contiguous())
+        return bank
+
+    def _approx_bank(self, batches: Iterator[torch.Tensor], n_patches: int) -> torch.Tensor:
+        stream = StreamingCoreset(self.config.coreset_ratio, seed=int(self.config.seed),
+                                  projection_dim=self.config.projection_dim or None)
+        for emb in batches:
+            stream.add(self._rows(emb))
+        return stream.result()
 
     def _set_bank(self, bank: torch.Tensor) -> None:
         self.memory_bank = bank
@@ -157,31 +199,19 @@ class PatchCoreModel(AnomalyModel):
         if self._search is None:
             raise FlawscopeError("patchcore model is not fitted")
         emb = self.embed(images)
-        b, c, h, w = emb.shape
+        c, h, w = emb.shape[1:]
         queries = emb.permute(0, 2, 3, 1).reshape(-1, c)
-        patch = self._search.search(queries).view(b, h * w)
-        if self.config.reweight and len(self.memory_bank) > 1:
-            scores = self._reweighted(patch, queries.view(b, h * w, c))
-        else:
-            scores = patch.amax(1)
-        maps = upsample_and_smooth(patch.view(b, h, w), self.image_size, self.config.sigma)
-        return scores, maps
+        patch = self._search.search(queries).view(-1, h * w)
+        return scores_and_maps(patch, queries.view(-1, h * w, c), (h, w), self._search.bank,
+                               self._search.bank_sq, self.config)
 
-    def _reweighted(self, patch: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """Eq. 7 of the paper: s * (1 - softmax of the distances from the worst patch to the
-        ``num_neighbors`` bank neighbours of its nearest neighbour)[0]."""
-        bank, bank_sq = self._search.bank, self._search.bank_sq
-        rows = torch.arange(len(patch))
-        worst = patch.argmax(1)
-        score = patch[rows, worst]
-        feats = queries[rows, worst]                                  # (B, C)
-        nearest = bank[self._search.nearest_index(feats)]
-        k = min(self.config.num_neighbors, len(bank))
-        d2 = torch.addmm(bank_sq, nearest, bank.T, alpha=-2)
-        support = d2.topk(k, dim=1, largest=False).indices           # includes the neighbour
-        dist = (bank[support] - feats[:, None]).pow(2).sum(-1).sqrt()  # (B, k)
-        weight = 1 - torch.softmax(dist, 1)[:, 0]
-        return weight * score
+    def onnx_module(self) -> PatchCoreScorer:
+        """The scoring as one fixed graph for export: same features, same score and map
+        code as :meth:`score_batch`, the neighbour search done by brute force over blocks of
+        the bank (the bank a constant of the graph)."""
+        if self._search is None:
+            raise FlawscopeError("patchcore model is not fitted")
+        return PatchCoreScorer(self)
 
     # ----------------------------------------------------------------- state
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -193,3 +223,77 @@ class PatchCoreModel(AnomalyModel):
         if "memory_bank" not in tensors:
             raise FlawscopeError("patchcore model file has no memory_bank tensor")
         self._set_bank(tensors["memory_bank"].to(_DTYPES[self.config.bank_dtype]))
+
+
+def patch_features(extractor: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, S, S)`` -> locally aware patch features ``(B, C, h, w)``: each group's map
+    averaged over 3 x 3 neighbourhoods, brought to the finest map's size, concatenated."""
+    features = extractor(images)
+    features = [F.avg_pool2d(f, 3, stride=1, padding=1) for f in features]
+    size = features[0].shape[-2:]
+    features = [f if f.shape[-2:] == size else
+                F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+                for f in features]
+    return torch.cat(features, 1)
+
+
+def scores_and_maps(patch: torch.Tensor, queries: torch.Tensor, grid: tuple[int, int],
+                    bank: torch.Tensor, bank_sq: torch.Tensor,
+                    config: PatchCoreConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch distances ``(B, h*w)`` -> image scores ``(B,)`` and maps ``(B, S, S)``.
+
+    The one place where both the eager scoring and the exported graph turn distances into
+    decisions, so the two can only differ by float rounding. ``queries`` ``(B, h*w, C)`` and
+    the float32 ``bank`` (with its squared norms) serve the re-weighted score.
+    """
+    if config.reweight and len(bank) > 1:
+        scores = reweighted(patch, queries, bank, bank_sq, config.num_neighbors)
+    else:
+        scores = patch.amax(1)
+    maps = upsample_and_smooth(patch.view(-1, *grid), int(config.image_size), config.sigma)
+    return scores, maps
+
+
+def reweighted(patch: torch.Tensor, queries: torch.Tensor, bank: torch.Tensor,
+               bank_sq: torch.Tensor, num_neighbors: int) -> torch.Tensor:
+    """Eq. 7 of the paper: s * (1 - softmax of the distances from the worst patch to the
+    ``num_neighbors`` bank neighbours of its nearest neighbour)[0].
+
+    Written with gathers (no Python indexing by the batch size) so that it traces into a graph
+    that holds for any batch size.
+    """
+    worst = patch.argmax(1, keepdim=True)                              # (B, 1)
+    score = patch.gather(1, worst)[:, 0]
+    c = queries.shape[-1]
+    feats = queries.gather(1, worst[:, :, None].expand(-1, 1, c))[:, 0]  # (B, C)
+    nearest = bank.index_select(0, nearest_indices(feats, bank, bank_sq))
+    k = min(num_neighbors, len(bank))
+    d2 = torch.addmm(bank_sq, nearest, bank.T, alpha=-2)
+    support = d2.topk(k, dim=1, largest=False).indices                # includes the neighbour
+    dist = (bank[support] - feats[:, None]).pow(2).sum(-1).sqrt()       # (B, k)
+    weight = 1 - torch.softmax(dist, 1)[:, 0]
+    return weight * score
+
+
+class PatchCoreScorer(torch.nn.Module):
+    """PatchCore's scoring as a fixed graph: the model's own backbone and post-processing
+    (:func:`patch_features`, :func:`scores_and_maps`), the exact nearest-neighbour distance by
+    :func:`flawscope.nnsearch.blocked_nearest_distances` (brute force: the clustered pruning
+    depends on the data and stays in PyTorch). The memory bank is a float32 buffer, a constant
+    of the exported file."""
+
+    def __init__(self, model: PatchCoreModel):
+        super().__init__()
+        self.extractor = model.extractor
+        self.config = model.config
+        self.register_buffer("bank", model._search.bank.float().contiguous())
+        self.register_buffer("bank_sq", model._search.bank_sq.float().contiguous())
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = patch_features(self.extractor, images)
+        c, h, w = emb.shape[1:]
+        queries = emb.permute(0, 2, 3, 1).reshape(-1, c)
+        patch = blocked_nearest_distances(queries, self.bank, self.bank_sq).view(-1, h * w)
+        scores, maps = scores_and_maps(patch, queries.view(-1, h * w, c), (h, w), self.bank,
+                                       self.bank_sq, self.config)
+        return scores.float().reshape(-1), maps.float()
