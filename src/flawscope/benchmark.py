@@ -8,7 +8,9 @@ pair cannot take the others down, and a rerun skips pairs whose ``metrics.json``
 from __future__ import annotations
 
 import csv
+import ctypes
 import logging
+import signal
 import subprocess
 import sys
 import time
@@ -53,10 +55,21 @@ def plan(data: Path, models: list[str], categories: list[str] | None,
     return [Pair(m, c) for m in models for c in folders]
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to kill it when its parent dies, so a benchmark
+    worker killed mid-pair (a lost cluster node, a kill -9) leaves no orphan fit behind that
+    would write into the folder the retried pair is using."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the child outlives its parent, as before
+        pass
+
+
 def _run(args: list[str], log_path: Path) -> None:
     with open(log_path, "a") as log_file:
         proc = subprocess.run([sys.executable, "-m", "flawscope", *args],
-                              stdout=log_file, stderr=subprocess.PIPE, text=True)
+                              stdout=log_file, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
         with open(log_path, "a") as log_file:
@@ -105,38 +118,58 @@ def row_for(pair: Pair, out: Path) -> dict:
     return row
 
 
+def run_recorded(pair: Pair, out: Path, preset: str | None = None, pixel_size: int | None = None,
+                 settings: dict[str, str] | None = None,
+                 geometry: Geometry | None = None) -> str:
+    """Run one pair and record its outcome in its folder (``metrics.json`` or ``error.txt``);
+    a failure is recorded, never raised. Returns a one-line outcome."""
+    folder = pair.folder(out)
+    results.clear(folder)
+    start = time.perf_counter()
+    try:
+        run_pair(pair, out, preset, pixel_size, settings, geometry)
+        return f"done in {time.perf_counter() - start:.0f} s"
+    except Exception as exc:  # one failing pair must not stop the others
+        log.error("%s on %s failed: %s", pair.model, pair.category.name, exc)
+        results.write_error(folder, str(exc))
+        return f"FAILED ({exc})"
+
+
+def _run_locally(pairs: list[Pair], out: Path, say, **pair_options) -> None:
+    for i, pair in enumerate(tqdm(pairs, desc="benchmark", disable=None), 1):
+        label = f"[{i}/{len(pairs)}] {pair.model} on {pair.category.name}"
+        say(f"{label}: fitting and testing")
+        say(f"{label}: {run_recorded(pair, out, **pair_options)}")
+
+
 def run_benchmark(data: str | Path, models: list[str], categories: list[str] | None,
                   out: str | Path, preset: str | None = None, force: bool = False,
                   pixel_size: int | None = None, settings: dict[str, str] | None = None,
-                  progress=None, geometry: Geometry | None = None) -> list[dict]:
+                  progress=None, runner=None,
+                  geometry: Geometry | None = None) -> list[dict]:
     """Fit and test each pair; ``settings`` (KEY -> VALUE) override every model's preset;
     ``geometry`` (default ``resize``) is how every model sees images.
 
     ``progress`` (e.g. ``print``) gets one line as each pair starts and ends, for logs and
-    redirected output where a progress bar shows nothing.
+    redirected output where a progress bar shows nothing. ``runner`` runs the pairs still to
+    do (default: one after another here; :class:`flawscope.cluster.RayPairRunner` runs them
+    as Ray tasks); it is called as ``runner(pairs, out, say, preset=, pixel_size=,
+    settings=)`` and must leave each pair's outcome recorded by :func:`run_recorded`.
     """
     data, out = Path(data), Path(out)
     pairs = plan(data, models, categories, settings)
     out.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda line: None)
-    for i, pair in enumerate(tqdm(pairs, desc="benchmark", disable=None), 1):
-        folder = pair.folder(out)
-        label = f"[{i}/{len(pairs)}] {pair.model} on {pair.category.name}"
-        if results.status(folder) == "ok" and not force:
+    todo = []
+    for pair in pairs:
+        if results.status(pair.folder(out)) == "ok" and not force:
             log.info("skipping %s on %s: results exist (use --force to redo)",
                      pair.model, pair.category.name)
-            say(f"{label}: results exist, skipped")
-            continue
-        results.clear(folder)
-        say(f"{label}: fitting and testing")
-        start = time.perf_counter()
-        try:
-            run_pair(pair, out, preset, pixel_size, settings, geometry)
-            say(f"{label}: done in {time.perf_counter() - start:.0f} s")
-        except Exception as exc:  # one failing pair must not stop the others
-            log.error("%s on %s failed: %s", pair.model, pair.category.name, exc)
-            results.write_error(folder, str(exc))
-            say(f"{label}: FAILED ({exc})")
+            say(f"{pair.model} on {pair.category.name}: results exist, skipped")
+        else:
+            todo.append(pair)
+    (runner or _run_locally)(todo, out, say, preset=preset, pixel_size=pixel_size,
+                             settings=settings, geometry=geometry)
     rows = [row_for(p, out) for p in pairs]
     write_tables(rows, out)
     write_report(out)

@@ -108,6 +108,17 @@ def _with_tile_size(settings: dict[str, str], tile_size: int | None) -> dict[str
     return {**settings, "image_size": str(tile_size)}
 
 
+def _ray_options(f):
+    """--ray, --ray-address and --cpus-per-task, shared by `predict` and `benchmark`."""
+    f = click.option("--cpus-per-task", default=1, show_default=True, type=click.IntRange(1),
+                     help="With Ray: CPUs (and threads) each task or actor holds.")(f)
+    f = click.option("--ray-address", default=None, metavar="HOST:PORT",
+                     help="Run on the Ray cluster at this address (`ray start --head` "
+                          "prints it); data and --out must be on storage every node sees.")(f)
+    return click.option("--ray", "use_ray", is_flag=True,
+                        help="Run on a local Ray instance (pip install 'flawscope[ray]').")(f)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="flawscope")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
@@ -286,9 +297,17 @@ def _metrics_table(m: dict) -> str:
               help="Also write the raw anomaly map (float32, at the image's size) per image.")
 @click.option("--batch-size", default=8, show_default=True, help="Images scored at once.")
 @_engine_option
+@_ray_options
+@click.option("--workers", default=None, type=click.IntRange(1),
+              help="With Ray: scoring actors (default: as many as the cluster's CPUs allow).")
+@click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(1),
+              help="With Ray: inputs per output file (the unit of retry and resume).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet"]), default="jsonl",
+              show_default=True, help="With Ray: format of the prediction shards.")
 def predict(model_dir: Path, inputs: tuple[Path, ...], out: Path, recursive: bool,
             on_error: str, heatmaps: bool, annotate: bool, save_maps: str | None,
-            batch_size: int, engine: str) -> None:
+            batch_size: int, engine: str, use_ray: bool, ray_address: str | None,
+            cpus_per_task: int, workers: int | None, shard_size: int, fmt: str) -> None:
     """Score new images (files or folders) and write their heat maps.
 
     Prints one line per image and writes OUT/predictions.jsonl (one JSON record per input,
@@ -299,7 +318,19 @@ def predict(model_dir: Path, inputs: tuple[Path, ...], out: Path, recursive: boo
     `is_anomalous` (score > threshold; null when the model has no threshold), `threshold`,
     the image's `width` and `height`, and `error` (null, or why the file could not be read).
     Non-image files in folders are skipped with a warning.
+
+    With --ray or --ray-address, scoring runs on Ray Data: INPUTS may also be list files
+    (.txt, one image path per line), and OUT gets predictions/part-NNNNNN.jsonl (one record
+    per input, the same fields) written shard by shard; a rerun scores only missing shards.
     """
+    if use_ray or ray_address:
+        _predict_on_ray(model_dir, inputs, out, recursive, on_error, heatmaps, annotate,
+                        save_maps, batch_size, ray_address, cpus_per_task, workers,
+                        shard_size, fmt, engine)
+        return
+    if fmt != "jsonl" or workers is not None:
+        raise FlawscopeError("--format and --workers apply to Ray runs: add --ray or "
+                             "--ray-address")
     from .detector import Detector
     from .predict_files import PredictionWriter, collect_inputs
 
@@ -327,6 +358,29 @@ def predict(model_dir: Path, inputs: tuple[Path, ...], out: Path, recursive: boo
                f"{out / 'predictions.jsonl'}")
     if failed:
         click.echo(f"{failed} file(s) could not be read (see the `error` field)", err=True)
+        sys.exit(PREDICT_SOME_FAILED)
+
+
+def _predict_on_ray(model_dir: Path, inputs: tuple[Path, ...], out: Path, recursive: bool,
+                    on_error: str, heatmaps: bool, annotate: bool, save_maps: str | None,
+                    batch_size: int, ray_address: str | None, cpus_per_task: int,
+                    workers: int | None, shard_size: int, fmt: str, engine: str) -> None:
+    from . import cluster
+
+    if on_error == "stop":
+        raise FlawscopeError("--on-error stop is not supported with Ray: unreadable files "
+                             "are recorded with an `error` field")
+    summary = cluster.predict(model_dir, inputs, out, address=ray_address, recursive=recursive,
+                              cpus_per_task=cpus_per_task, workers=workers,
+                              batch_size=batch_size, shard_size=shard_size, heatmaps=heatmaps,
+                              annotate=annotate, maps=save_maps, fmt=fmt, engine=engine,
+                              progress=lambda line: click.echo(line, err=True))
+    click.echo(f"{summary.n_inputs - summary.n_failed} of {summary.n_inputs} images scored "
+               f"({summary.scored_images} in this run, {summary.images_per_s:.1f} images/s); "
+               f"wrote {summary.n_shards} shard(s) in {out / 'predictions'}")
+    if summary.n_failed:
+        click.echo(f"{summary.n_failed} file(s) could not be read (see the `error` field)",
+                   err=True)
         sys.exit(PREDICT_SOME_FAILED)
 
 
@@ -414,20 +468,33 @@ def export_cmd(model_dir: Path, fmt: str, out: Path | None) -> None:
               help="Resolution of pixel metrics: `native` (each mask's own size) or N for "
                    "N x N.")
 @_geometry_options
+@_ray_options
 def benchmark(data: Path, models: str, categories: str | None, preset: str | None, out: Path,
               force: bool, settings: tuple[str, ...], pixel_size: int | None, geometry: str,
-              max_side: int | None, tile_size: int | None) -> None:
+              max_side: int | None, tile_size: int | None, use_ray: bool,
+              ray_address: str | None, cpus_per_task: int) -> None:
     """Fit and test every model on every category; resumable, one failure does not stop it.
 
     Writes OUT/results.csv, OUT/results.md and OUT/report.html (rebuild the report later with
-    `flawscope report OUT`).
+    `flawscope report OUT`). With --ray or --ray-address every pair is a Ray task holding
+    --cpus-per-task CPUs; the results are the same files.
     """
     from .benchmark import markdown_table, run_benchmark
     from .geometry import Geometry
 
-    rows = run_benchmark(data, _split(models) or [], _split(categories), out, preset, force,
-                         pixel_size, _with_tile_size(_parse_settings(settings), tile_size),
-                         progress=_progress_lines(), geometry=Geometry(geometry, max_side))
+    options = {"preset": preset, "force": force, "pixel_size": pixel_size,
+               "settings": _with_tile_size(_parse_settings(settings), tile_size),
+               "geometry": Geometry(geometry, max_side)}
+    if use_ray or ray_address:
+        from . import cluster
+
+        rows = cluster.run_benchmark(data, _split(models) or [], _split(categories), out,
+                                     address=ray_address, cpus_per_task=cpus_per_task,
+                                     progress=lambda line: click.echo(line, err=True),
+                                     **options)
+    else:
+        rows = run_benchmark(data, _split(models) or [], _split(categories), out,
+                             progress=_progress_lines(), **options)
     click.echo(markdown_table(rows))
     click.echo(f"report: {out / 'report.html'}")
     failed = [r for r in rows if r["status"] != "ok"]
