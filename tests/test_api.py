@@ -186,3 +186,15 @@ def test_exported_engines_decide_like_torch_on_every_test_image(synth_root, tmp_
     records = [json.loads(x) for x in (tmp_path / "p" / "predictions.jsonl").read_text()
                .splitlines()]
     assert [r["is_anomalous"] for r in records] == [p.is_anomalous for p in torch_run]
+
+
+def test_predictions_carry_defect_regions_from_the_good_images_pixel_threshold(detector,
+                                                                               synth_root):
+    data = synth_root / "synthetic_object"
+    assert detector.manifest["threshold"].get("pixel_value") is not None
+    defect = detector.predict(data / "test" / "missing_piece" / "000.png")
+    assert defect.regions, "a missing piece must be reported as a region"
+    x0, y0, x1, y1 = defect.regions[0]["bbox"]
+    assert 0 <= x0 < x1 <= defect.width and 0 <= y0 < y1 <= defect.height
+    assert defect.regions[0]["area_px"] > 0
+    assert defect.record()["regions"] == defect.regions

@@ -50,6 +50,7 @@ from .pipeline import (
     evaluate,
     fit_model,
 )
+from .regions import find_regions
 from .threshold import DEFAULT_MAX_FALSE_ALARM, Decision, decision_for
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,10 @@ class Prediction:
     width: int | None = None
     height: int | None = None
     error: str | None = None
+    #: Connected defect regions where the map exceeds the pixel threshold set from good
+    #: images (:func:`flawscope.regions.find_regions`), in image pixels; None when the model
+    #: has no pixel threshold, an empty list for a clean part.
+    regions: list[dict] | None = None
     image: Image.Image | None = field(default=None, repr=False)
     colour_range: tuple[float, float] | None = field(default=None, repr=False)
 
@@ -109,7 +114,7 @@ class Prediction:
         return {"path": self.source, "score": self.score,
                 "normalized_score": self.normalized_score, "is_anomalous": self.is_anomalous,
                 "threshold": self.threshold, "width": self.width, "height": self.height,
-                "error": self.error}
+                "regions": self.regions, "error": self.error}
 
 
 class Detector:
@@ -257,8 +262,18 @@ class Detector:
                 continue
             score, amap = next(scored)
             yield Prediction(source, **self.decision(score), anomaly_map=amap, width=im.width,
-                             height=im.height, image=im if keep_images else None,
+                             height=im.height, regions=self._regions(amap),
+                             image=im if keep_images else None,
                              colour_range=visualize.display_range(amap, calibration))
+
+    def _regions(self, amap: np.ndarray) -> list[dict] | None:
+        """Defect regions of a map at the image's size, from the pixel threshold the good
+        calibration images set (None for models calibrated before it existed)."""
+        pixel = (self.manifest.get("threshold") or {}).get("pixel_value")
+        if pixel is None:
+            return None
+        baseline = (self.manifest.get("calibration") or {}).get("map_p50")
+        return find_regions(amap, float(pixel), baseline=baseline)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, data: str | Path, pixel_size: int | None = DEFAULT_PIXEL_SIZE,
