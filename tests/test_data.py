@@ -59,15 +59,18 @@ def test_reads_a_valid_category_with_mixed_images(tmp_path):
     assert 0.0 <= float(images[1].min()) and float(images[1].max()) <= 1.0
 
 
-def test_test_dataset_gives_zero_masks_for_good_and_binary_resized_masks(tmp_path):
+def test_test_dataset_gives_no_mask_for_good_and_binary_resized_masks(tmp_path):
     cat = open_category(make_category(tmp_path / "part"))
     data = TestDataset(cat.test, size=16, mask_size=24)
-    image, mask, _ = data[0]  # crack: 48x48 mask with an 8x8 box at (4,4) -> 4x4 at 24 px
-    assert image.shape == (3, 16, 16)
-    assert mask.dtype.is_floating_point is False and mask.shape == (24, 24)
+    image, mask, index, target = data[0]  # crack: 48x48 mask, 8x8 box at (4,4) -> 4x4 at 24 px
+    assert image.shape == (3, 16, 16) and index == 0 and target == (24, 24)
+    assert mask.dtype == bool and mask.shape == (24, 24)
     assert int(mask.sum()) == 16 and bool(mask[2:6, 2:6].all())
-    _, good_mask, _ = data[1]
-    assert not good_mask.any()
+    _, good_mask, _, _ = data[1]
+    assert good_mask is None
+    native = TestDataset(cat.test, size=16)  # masks at their own size (48x48 here)
+    _, mask, _, target = native[0]
+    assert mask.shape == target == (48, 48) and int(mask.sum()) == 64
 
 
 def test_grayscale_16_bit_images_are_scaled_not_clipped(tmp_path):

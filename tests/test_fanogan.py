@@ -59,8 +59,10 @@ def _test_images(category: Path, size: int):
     """(images, masks, defect types) of the test set, decoded once."""
     items = open_category(category).test
     dataset = TestDataset(items, size, size)
-    images, masks, _ = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
-    return torch.stack(images), torch.stack(masks).bool(), [t.defect_type for t in items]
+    images, masks, _, _ = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
+    masks = [torch.zeros(size, size, dtype=torch.bool) if m is None else torch.from_numpy(m)
+             for m in masks]  # no mask: a good image
+    return torch.stack(images), torch.stack(masks), [t.defect_type for t in items]
 
 
 def test_gradient_penalty_equals_closed_form_for_a_linear_critic():

@@ -147,7 +147,7 @@ def test_predict_on_ray_equals_local_despite_a_killed_worker(ray_cluster, scorin
             assert local[record["path"]] is None
             assert Path(record["path"]).name in ("broken.png", "empty.jpg")
     assert set(records[0]) == {"path", "score", "normalized_score", "is_anomalous",
-                               "threshold", "width", "height", "error", "heatmap", "map"}
+                               "threshold", "width", "height", "regions", "error", "heatmap", "map"}
     # A lost shard (as after Ctrl-C) is the only one a rerun scores, identically.
     shard = cluster.shard_output(out, 4)
     before = shard.read_bytes()

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from flawscope import Detector
 from flawscope import threshold as th
 from flawscope.calibration import calibrate
 from flawscope.data import open_category, read_mask
@@ -84,9 +84,10 @@ def test_regions_find_large_synthetic_defects_and_good_parts_report_none(synthet
     assert record["pixel_method"] == "good_quantile" and result.calibration["method"] == "loo"
     threshold, baseline = record["pixel_value"], result.calibration["map_p50"]
     items = [t for t in category.test if t.defect_type in ("good", "hole", "stain")]
-    scored = result.model.score([Image.open(t.path) for t in items])
+    detector = Detector(result.model, {"calibration": result.calibration, "threshold": record})
+    scored = [p.anomaly_map for p in detector.predict_many([t.path for t in items])]
     clean, ious = [], []
-    for item, (_, amap) in zip(items, scored, strict=True):
+    for item, amap in zip(items, scored, strict=True):
         assert amap.shape == (256, 256)  # the image's own size
         regions = find_regions(amap, threshold, baseline=baseline)
         if item.defect_type == "good":
