@@ -257,6 +257,9 @@ def test_test_prints_the_decision_at_the_stored_threshold(fitted):
     metrics = json.loads((out / "results" / "metrics.json").read_text())
     assert f"detection rate {metrics['detection_rate']:.1%}" in output
     assert f"false-alarm rate {metrics['false_alarm_rate']:.1%}" in output
+    low, high = metrics["false_alarm_ci"]  # Clopper-Pearson, with the count it rests on
+    assert f"({metrics['false_alarms']} of {metrics['n_good']} good images; 95% interval " \
+           f"{low:.1%}-{high:.1%})" in output
     assert "from 4 good images" in output and "warning:" in output  # few: a visible warning
 
 

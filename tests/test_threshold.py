@@ -117,6 +117,11 @@ def test_fit_threshold_predict_end_to_end(synth_root, tmp_path):
     assert result.exit_code == 0 and read_manifest(model_dir)["threshold"]["value"] == 123.5
     result = run("threshold", model_dir, "--method", "f1", "--data", data / "test" / "good")
     assert result.exit_code == 1 and "folder" in result.output.lower()
+    # Back to good images: the image and the region (pixel) threshold, as fit set them.
+    result = run("threshold", model_dir, "--method", "good", "--max-false-alarm", "0.2")
+    assert result.exit_code == 0, result.output
+    again = read_manifest(model_dir)["threshold"]
+    assert again["value"] == record["value"] and again["pixel_value"] == record["pixel_value"]
 
 
 def test_model_without_held_out_images_predicts_undecided(synth_root, tmp_path):

@@ -412,7 +412,8 @@ def threshold_cmd(model_dir: Path, method: str | None, max_false_alarm: float,
     if value is not None:
         record = th.manual(value, good)
     elif method == "good":
-        record = th.from_good_scores(good, max_false_alarm)
+        # From the stored calibration: the pixel threshold of defect regions comes back too.
+        record = th.from_calibration(manifest.get("calibration"), max_false_alarm)
     else:
         if data is None:
             raise FlawscopeError("--method f1 needs --data with labelled images")

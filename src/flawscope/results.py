@@ -112,6 +112,11 @@ def decision_summary(metrics: dict[str, Any]) -> str:
     basis = f"{metrics.get('threshold_method')}, from {metrics.get('threshold_n_good')} good images"
     if target is not None:
         basis += f", target false-alarm rate {target:.1%}"
-    return (f"at the stored threshold {metrics['threshold']:.6g} ({basis}): detection rate "
+    line = (f"at the stored threshold {metrics['threshold']:.6g} ({basis}): detection rate "
             f"{pct(metrics.get('detection_rate'))}, false-alarm rate "
             f"{pct(metrics.get('false_alarm_rate'))}")
+    interval = metrics.get("false_alarm_ci")
+    if interval and metrics.get("false_alarms") is not None:
+        line += (f" ({metrics['false_alarms']} of {metrics['n_good']} good images; 95% "
+                 f"interval {pct(interval[0])}-{pct(interval[1])})")
+    return line
