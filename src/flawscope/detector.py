@@ -156,9 +156,9 @@ class Detector:
         model's Config fields (see ``flawscope models``). With ``out`` the model is also saved
         there (and training checkpoints let an interrupted fit resume). ``calibration``:
         ``holdout``, ``loo``, ``kfold`` or ``auto`` (see :mod:`flawscope.calibration`).
-        ``geometry``: how
-        images become model inputs, a :class:`~flawscope.geometry.Geometry` or a mode name
-        (``"resize"``, the default; ``"keep_aspect"``; ``"tile"`` at native resolution).
+        ``geometry``: how images become model inputs, a :class:`~flawscope.geometry.Geometry`
+        or a mode name (``"resize"``, the default; ``"keep_aspect"``; ``"tile"`` at native
+        resolution).
         """
         if isinstance(geometry, str):
             geometry = Geometry(geometry)
