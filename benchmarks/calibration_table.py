@@ -204,7 +204,9 @@ def main() -> None:
     models = args.models.split(",")
     import platform
 
-    print(f"CPU: {_cpu()} ({platform.machine()}), torch threads: {torch.get_num_threads()}",
+    from flawscope.gallery import cpu_model
+
+    print(f"CPU: {cpu_model()} ({platform.machine()}), torch threads: {torch.get_num_threads()}",
           flush=True)
     records = []
     for category in args.categories.split(","):
@@ -222,16 +224,6 @@ def main() -> None:
         return
     threshold_table(records, [float(t) for t in args.targets.split(",")], models)
     tail_table(records, 0.01, [int(n) for n in args.tail_sizes.split(",")], args.draws)
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -111,10 +111,11 @@ def main() -> None:
         worker(args)
         return
 
-    from flawscope.export import cpu_name, export_model_dir
+    from flawscope.export import export_model_dir
+    from flawscope.gallery import cpu_model
     from flawscope.modelfile import read_manifest
 
-    print(f"CPU: {cpu_name()}; {args.images} real test images per model; "
+    print(f"CPU: {cpu_model()}; {args.images} real test images per model; "
           f">= {args.min_seconds:g} s per figure")
     header = (f"{'model':<10} {'size':>4} {'engine':<12} {'thr':>3} {'b16 img/s':>9} "
               f"{'b1 img/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'cold s':>6} {'peak MB':>7}")

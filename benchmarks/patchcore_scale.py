@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from flawscope.data import image_to_tensor, open_category, read_image, to_rgb
+from flawscope.gallery import cpu_model
 
 
 class AugmentedImages(torch.utils.data.Dataset):
@@ -139,18 +140,8 @@ def main() -> None:
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(result) + "\n")
-    print(f"CPU: {_cpu_name()}; torch threads: {args.threads}; max RSS of this driver: "
+    print(f"CPU: {cpu_model()}; torch threads: {args.threads}; max RSS of this driver: "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 import warnings
 from dataclasses import dataclass
@@ -169,18 +168,6 @@ def _metadata(model: AnomalyModel, manifest: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def cpu_name() -> str:
-    """The CPU's model name (``lscpu``'s "Model name"), for every recorded speed."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def images_per_s(fn, batch: torch.Tensor | np.ndarray, min_s: float, min_runs: int = 2) -> float:
     """Warm images/s of ``fn(batch)``: one untimed run first (lazy allocation, thread pools),
     then at least ``min_runs`` runs and ``min_s`` seconds."""
@@ -273,6 +260,7 @@ def export_model_dir(model_dir: str | Path, out: str | Path | None = None,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     from .engines import openvino_available
+    from .gallery import cpu_model
 
     with_openvino = openvino_available()
     if with_openvino:
@@ -281,7 +269,7 @@ def export_model_dir(model_dir: str | Path, out: str | Path | None = None,
     if measure_s > 0:
         entry["img_per_s"] = measure_speeds(model, path, threads, min_s=measure_s,
                                             openvino=with_openvino)
-        entry["speed"] = {"batch": SPEED_BATCH, "threads": threads, "cpu": cpu_name()}
+        entry["speed"] = {"batch": SPEED_BATCH, "threads": threads, "cpu": cpu_model()}
     exports = dict(manifest.get("exports") or {})
     exports["onnx"] = entry
     update_manifest(model_dir, exports=exports)
