@@ -93,8 +93,19 @@ def test_a_jump_of_the_epoch_mean_loss_goes_back_to_the_best_epoch():
     assert [r["loss"] for r in history] == pytest.approx([1.0, 0.5, 0.9, 0.4])
 
 
+def test_a_best_epoch_whose_last_update_broke_the_weights_is_not_gone_back_to():
+    # Epoch 2 has the lowest mean (0.5), but the first loss after it is already 1.5: its end
+    # state is never vouched for, so the recovery goes back to the end of epoch 1 (steps 4-9
+    # again), not to the end of epoch 2, where the same 1.5 would come back at any lr.
+    toy = Toy(loss_at=scripted(1.0, 0.5, 1.5, 0.5, 0.45, 0.4))
+    history = toy.loop.run()
+    assert toy.steps == [*range(1, 10), *range(4, 13)]
+    assert toy.loop.pos["recoveries"] == 1
+    assert [r["loss"] for r in history] == pytest.approx([1.0, 0.5, 0.45, 0.4])
+
+
 def test_a_divergence_that_persists_stops_with_an_error_naming_epoch_and_loss():
-    toy = Toy(loss_at={n: math.inf for n in range(4, 100)})  # every step from epoch 2 on
+    toy = Toy(loss_at={n: math.inf for n in range(5, 100)})  # from epoch 2, batch 2 on
     with pytest.raises(FlawscopeError, match=r"toy: training diverged at epoch 2 \(loss inf\)"
                                              r".*after 3 recoveries"):
         toy.loop.run()
@@ -150,3 +161,33 @@ def test_ctrl_c_inside_a_step_then_resume_equals_an_unbroken_run_across_a_recove
     assert resumed.loop.pos["history"] == unbroken.loop.pos["history"]
     assert resumed.opt.param_groups[0]["lr"] == unbroken.opt.param_groups[0]["lr"]
     assert (tmp_path / "losses.csv").read_text().count("\n") == EPOCHS + 1
+
+
+def test_training_device_names():
+    from flawscope.trainloop import training_device
+
+    assert training_device("cpu") == torch.device("cpu")
+    assert training_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(FlawscopeError, match="device='tpu'"):
+        training_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(FlawscopeError, match="sees no CUDA GPU"):
+            training_device("cuda")
+
+
+def test_checkpoints_can_be_spaced_in_time_but_the_last_epoch_is_always_saved(tmp_path,
+                                                                               monkeypatch):
+    import flawscope.trainloop as trainloop
+
+    saved = []
+    monkeypatch.setattr(trainloop, "save_checkpoint",
+                        lambda path, state: saved.append(state["epoch"]))
+    toy = Toy(tmp_path)
+    toy.loop.checkpoint_every_s = 3600.0  # as on a GPU, where epochs take milliseconds
+    toy.loop.run()
+    assert saved == [EPOCHS]
+    saved.clear()
+    (tmp_path / "every").mkdir()
+    every = Toy(tmp_path / "every")
+    every.loop.run()
+    assert saved == list(range(1, EPOCHS + 1))

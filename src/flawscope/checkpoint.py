@@ -37,7 +37,9 @@ def load_checkpoint(path: Path, fingerprint: str, epochs: int,
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, weights_only=True)
+        # CPU tensors whatever device wrote them: loading into the networks and optimizers
+        # moves them to where training runs (Optimizer.load_state_dict follows the params).
+        state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # any unreadable file: tell the user what to delete
         raise FlawscopeError(f"{path}: unreadable checkpoint ({exc}); delete it to start "
                              f"{what} over") from None

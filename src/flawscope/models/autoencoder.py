@@ -98,7 +98,7 @@ from torch import nn
 from ..errors import FlawscopeError
 from ..ssim import gaussian_window, separable_blur, ssim_map
 from ..trainfiles import tile, to_uint8, write_csv
-from ..trainloop import TrainLoop
+from ..trainloop import GPU_CHECKPOINT_EVERY_S, TrainLoop, training_device
 from . import register
 from .base import AnomalyModel, ScoreBatchModule
 
@@ -106,7 +106,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 #: Settings that may change between an interrupted fit and its resumption.
-_RESUMABLE_CHANGES = {"epochs", "picture_every"}
+_RESUMABLE_CHANGES = {"epochs", "picture_every", "device"}
 SCORE_REDUCTIONS = ("max", "mean", "topk")
 #: Training images shown in reconstructions.png.
 N_PICTURE_IMAGES = 6
@@ -134,8 +134,11 @@ class AEConfig:
     score_reduction: str = "max"
     #: Fraction of pixels averaged by ``score_reduction=topk``.
     score_topk: float = 0.01
-    #: Train under bfloat16 autocast (CPU). Off: slower on CPUs without bf16 units.
+    #: Train under bfloat16 autocast. Off: slower on CPUs without bf16 units.
     bf16: bool = False
+    #: Where training runs: ``auto`` (a CUDA GPU when PyTorch sees one, else the CPU),
+    #: ``cpu`` or ``cuda``; scoring and the saved model are on the CPU either way.
+    device: str = "auto"
     #: Write reconstructions.png every this many epochs (and at the last); 0 = only at the end.
     picture_every: int = 0
     seed: int = 0
@@ -357,16 +360,26 @@ class _Autoencoder(AnomalyModel):
     def _train(self, data: torch.Tensor, workdir: Path | None) -> None:
         """Adam on the loss, in the shared loop (resume, Ctrl-C, divergence, loss CSV)."""
         c = self.config
-        gen = torch.Generator().manual_seed(c.seed)
+        device = training_device(c.device)
+        gen = torch.Generator().manual_seed(c.seed)  # on the CPU, so a fit's draws are the
+        self.net.to(device)                          # same on every device
+        try:
+            self._train_on(data, workdir, device, gen)
+        finally:
+            self.net.to("cpu")
+
+    def _train_on(self, data: torch.Tensor, workdir: Path | None, device: torch.device,
+                  gen: torch.Generator) -> None:
+        c = self.config
         opt = torch.optim.Adam(self.net.parameters(), lr=c.lr, weight_decay=c.weight_decay)
 
         def batch(order: torch.Tensor, b: int) -> torch.Tensor:
             idx = order[b * c.batch_size:(b + 1) * c.batch_size]
-            return self._augment(data[idx], gen).float() / 255
+            return self._augment(data[idx], gen).to(device).float() / 255
 
         def step(x: torch.Tensor, n_step: int) -> dict[str, float]:
             self.net.train()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(c.bf16)):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(c.bf16)):
                 rec = self._reconstruct01(x)
             loss = self.loss(x, rec.float())
             opt.zero_grad(set_to_none=True)
@@ -386,7 +399,8 @@ class _Autoencoder(AnomalyModel):
             fingerprint=self._fingerprint(data),
             csv=workdir / "losses.csv" if workdir else None,
             pictures=pictures if workdir else None, picture_every=c.picture_every,
-            upgrade=_upgrade_checkpoint)
+            upgrade=_upgrade_checkpoint,
+            checkpoint_every_s=GPU_CHECKPOINT_EVERY_S if device.type == "cuda" else 0.0)
         self.history = loop.run()
 
     def _pictures(self, data: torch.Tensor, workdir: Path) -> None:
@@ -404,10 +418,12 @@ class _Autoencoder(AnomalyModel):
             fig.tight_layout()
             fig.savefig(workdir / "losses.png", dpi=100)
         step = max(1, len(data) // N_PICTURE_IMAGES)
-        x = data[::step][:N_PICTURE_IMAGES].float() / 255
+        device = next(self.net.parameters()).device  # mid-training it may be a GPU
+        x = data[::step][:N_PICTURE_IMAGES].to(device).float() / 255
         with torch.no_grad():
             rec = self._reconstruct01(x)
             maps = self.anomaly_map(x, rec)
+        x, rec, maps = x.cpu(), rec.cpu(), maps.cpu()
         heat = colormaps["inferno"]((maps / maps.max().clamp_min(1e-6)).numpy())[..., :3]
         tile([to_uint8(x), to_uint8(rec), (heat * 255).round().astype(np.uint8)]
               ).save(workdir / "reconstructions.png")

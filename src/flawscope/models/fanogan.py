@@ -57,7 +57,7 @@ from torch import nn
 
 from ..errors import FlawscopeError
 from ..trainfiles import tile, to_uint8
-from ..trainloop import TrainLoop
+from ..trainloop import GPU_CHECKPOINT_EVERY_S, TrainLoop, training_device
 from . import register
 from .base import AnomalyModel, ScoreBatchModule
 
@@ -95,6 +95,9 @@ class FAnoGANConfig:
     #: Training pictures every this many epochs (and at the first and last epoch); 0 = never.
     picture_every_stage1: int = 100
     picture_every_stage2: int = 20
+    #: Where training runs: ``auto`` (a CUDA GPU when PyTorch sees one, else the CPU),
+    #: ``cpu`` or ``cuda``; scoring and the saved model are on the CPU either way.
+    device: str = "auto"
     seed: int = 0
 
 
@@ -103,7 +106,7 @@ STAGE1_CHECKPOINT = "fanogan_stage1.pt"
 STAGE2_CHECKPOINT = "fanogan_stage2.pt"
 #: Settings that may change between an interrupted fit and its resumption.
 _RESUMABLE_CHANGES = {"stage1_epochs", "stage2_epochs", "picture_every_stage1",
-                      "picture_every_stage2"}
+                      "picture_every_stage2", "device"}
 #: Settings that only stage 2 and scoring read: changing them keeps a finished stage 1, so
 #: trying another kappa or encoder schedule costs minutes of stage 2, not hours of stage 1.
 _STAGE2_ONLY = {"kappa", "encoder_lr"}
@@ -228,6 +231,8 @@ class FAnoGANModel(AnomalyModel):
             self.critic = Critic(c.image_size, c.width)
             self.encoder = Encoder(c.image_size, c.latent_dim, c.width)
         self._nets = {"G": self.generator, "D": self.critic, "E": self.encoder}
+        #: Where the networks are: the CPU, except while a fit trains on a GPU.
+        self._device = torch.device("cpu")
         self._eval()
         #: Per-epoch mean losses of the last fit, {"stage1": [...], "stage2": [...]}.
         self.history: dict[str, list[dict[str, float]]] = {"stage1": [], "stage2": []}
@@ -271,7 +276,8 @@ class FAnoGANModel(AnomalyModel):
         return ((self.generator(z) + 1) / 2).clamp(0, 1)
 
     def _latent(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        return torch.rand(n, self.config.latent_dim, generator=gen) * 2 - 1
+        """Uniform codes in [-1, 1], drawn on the CPU (the same draws on every device)."""
+        return (torch.rand(n, self.config.latent_dim, generator=gen) * 2 - 1).to(self._device)
 
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -293,11 +299,20 @@ class FAnoGANModel(AnomalyModel):
             workdir.mkdir(parents=True, exist_ok=True)
         gen = torch.Generator().manual_seed(self.config.seed)
         digest = hashlib.sha256((data * 255).round().to(torch.uint8).numpy().tobytes()).hexdigest()
-        self._train_stage1(data, gen, workdir, self._fingerprint(digest, stage=1))
-        self._train_stage2(data, gen, workdir, self._fingerprint(digest, stage=2))
+        self._to_device(training_device(self.config.device))
+        try:
+            self._train_stage1(data, gen, workdir, self._fingerprint(digest, stage=1))
+            self._train_stage2(data, gen, workdir, self._fingerprint(digest, stage=2))
+        finally:
+            self._to_device(torch.device("cpu"))
         self._eval()
         if workdir is not None:
             self._plot_losses(workdir)
+
+    def _to_device(self, device: torch.device) -> None:
+        for net in self._nets.values():
+            net.to(device)
+        self._device = device
 
     def _load_images(self, images: torch.utils.data.Dataset) -> torch.Tensor:
         """All training images as one (N, 3, S, S) tensor: decoded once, not every epoch."""
@@ -344,7 +359,7 @@ class FAnoGANModel(AnomalyModel):
         if self.config.hflip:
             flip = torch.rand(len(x), generator=gen) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return self._to_model(x)
+        return self._to_model(x.to(self._device))
 
     def _train_stage1(self, data: torch.Tensor, gen: torch.Generator, workdir: Path | None,
                       fingerprint: str) -> None:
@@ -361,7 +376,7 @@ class FAnoGANModel(AnomalyModel):
             b = len(x)
             with torch.no_grad():
                 fake = G(self._latent(b, gen))
-            mix = torch.rand(b, 1, 1, 1, generator=gen)
+            mix = torch.rand(b, 1, 1, 1, generator=gen).to(self._device)
             d_real, d_fake = D(x).mean(), D(fake).mean()
             gp = gradient_penalty(D, x, fake, mix, c.gp_weight)
             d_loss = d_fake - d_real + gp
@@ -383,7 +398,7 @@ class FAnoGANModel(AnomalyModel):
         def pictures(epoch: int) -> None:
             self._eval()
             with torch.no_grad():
-                samples = (G(z_show) + 1) / 2
+                samples = ((G(z_show) + 1) / 2).cpu()
             _save_grid(samples, 8, workdir / f"stage1_samples_epoch{epoch:05d}.png")
 
         # No monitor: the critic's loss and the Wasserstein estimate may be negative and swing
@@ -403,7 +418,7 @@ class FAnoGANModel(AnomalyModel):
         D.requires_grad_(False)
         opt_e = torch.optim.Adam(E.parameters(), lr=c.encoder_lr or c.lr,
                                  betas=(c.adam_beta1, c.adam_beta2))
-        x_show = self._to_model(data[:8])
+        x_show = self._to_model(data[:8].to(self._device))
 
         def step(x: torch.Tensor, n_step: int) -> dict[str, float]:
             G.eval()
@@ -425,7 +440,8 @@ class FAnoGANModel(AnomalyModel):
             self._eval()
             with torch.no_grad():
                 rec = G(E(x_show))
-            _save_chain(x_show, rec, workdir / f"stage2_reconstructions_epoch{epoch:05d}.png")
+            _save_chain(x_show.cpu(), rec.cpu(),
+                        workdir / f"stage2_reconstructions_epoch{epoch:05d}.png")
 
         try:
             self._run_stage(
@@ -460,7 +476,8 @@ class FAnoGANModel(AnomalyModel):
             monitor=monitor, checkpoint=workdir / checkpoint if workdir else None,
             fingerprint=fingerprint, csv=workdir / f"losses_{stage}.csv" if workdir else None,
             pictures=draw if workdir else None, picture_every=picture_every,
-            what="this training stage")
+            what="this training stage", checkpoint_every_s=GPU_CHECKPOINT_EVERY_S
+            if self._device.type == "cuda" else 0.0)
         self.history[stage] = loop.run()
 
     def _plot_losses(self, workdir: Path) -> None:
