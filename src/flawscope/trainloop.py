@@ -276,11 +276,15 @@ class TrainLoop:
                             losses = self.step(x, pos["n_step"])
                             self._check_step(losses)
                             self._vouch(losses)
+                            # Epoch means are over images, not batches: a one-pass
+                            # epoch of 33 images in batches of 32 ends with a batch of one,
+                            # whose loss would otherwise weigh as much as the other 32.
+                            weight = len(x) if isinstance(x, torch.Tensor) else 1
                             for key, value in losses.items():
                                 # [sum, count]: some losses are not computed at every step
                                 acc = pos["sums"].setdefault(key, [0.0, 0])
-                                acc[0] += value
-                                acc[1] += 1
+                                acc[0] += value * weight
+                                acc[1] += weight
                             pos["batch"] += 1
                             shown.update({"epoch": str(epoch),
                                           **{k: f"{v:.4g}" for k, v in losses.items()}})
