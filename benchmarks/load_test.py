@@ -71,6 +71,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--max-upload-mb", type=float, default=2.0)
     parser.add_argument("--heatmap", action="store_true", help="ask for heat maps too")
+    parser.add_argument("--engine", default=None, help="the service's --engine (default: its own)")
     args = parser.parse_args()
 
     tmp = tempfile.TemporaryDirectory()
@@ -85,7 +86,8 @@ def main() -> int:
     server = subprocess.Popen(
         [sys.executable, "-m", "flawscope", "serve", str(args.model_dir), "--host", "127.0.0.1",
          "--port", str(port), "--workers", str(args.workers),
-         "--max-upload-mb", str(args.max_upload_mb)],
+         "--max-upload-mb", str(args.max_upload_mb),
+         *(["--engine", args.engine] if args.engine else [])],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
     url = f"http://127.0.0.1:{port}"
     try:
