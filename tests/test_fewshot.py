@@ -74,12 +74,24 @@ def test_augmented_bank_keeps_every_patch_of_every_view(fitted):
 def test_views_are_the_symmetries_of_the_square():
     image = torch.arange(16.0).view(1, 1, 4, 4)
     for name, views in AUGMENTATIONS.items():
-        outs = [augmented(image, k, m) for k, m in views]
+        outs = [augmented(image, a, m) for a, m in views]
         assert torch.equal(outs[0], image), name
         assert len({tuple(o.flatten().tolist()) for o in outs}) == len(views), name
     # "flips": left-right and top-bottom mirrors
-    flips = [augmented(image, k, m) for k, m in AUGMENTATIONS["flips"]]
+    flips = [augmented(image, a, m) for a, m in AUGMENTATIONS["flips"]]
     assert torch.equal(flips[1], image.flip(-1)) and torch.equal(flips[2], image.flip(-2))
+    # Other angles turn the same way as the exact quarter turns (counter-clockwise, like
+    # torch.rot90): two 45-degree turns of a disc-shaped image equal one quarter turn up to
+    # the bilinear resampling (compared inside the disc, away from reflected corners).
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 33), torch.linspace(-1, 1, 33),
+                            indexing="ij")
+    ramp = (xx + 2 * yy) * (xx**2 + yy**2 < 0.4)  # smooth enough inside the disc
+    disc = (xx**2 + yy**2 < 0.3)
+    twice = augmented(augmented(ramp[None, None], 45, False), 45, False)[0, 0]
+    exact = augmented(ramp[None, None], 90, False)[0, 0]
+    assert (twice - exact)[disc].abs().max() < 0.15 < (ramp - exact)[disc].abs().max()
+    clockwise = torch.rot90(ramp, -1)
+    assert (twice - clockwise)[disc].abs().max() > 1
 
 
 def test_augmentation_off_leaves_patchcore_as_it_was(texture):

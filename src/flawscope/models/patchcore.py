@@ -78,16 +78,20 @@ _CORESETS = ("auto", "exact", "approx")
 _IMAGE_SCORES = ("max", "top")
 
 #: Reference augmentation: named sets of views of a square training image, each view a
-#: (quarter turns counter-clockwise, then mirror left-right) pair; (0, False) is the image.
+#: (rotation counter-clockwise in degrees, then mirror left-right) pair; (0, False) is the
+#: image itself. Quarter turns are exact; other angles resample the image bilinearly with
+#: reflected borders (no empty corners).
 AUGMENTATIONS: dict[str, tuple[tuple[int, bool], ...]] = {
     "none": ((0, False),),
     "hflip": ((0, False), (0, True)),
     # left-right and top-bottom mirror (a top-bottom mirror is a half turn of the left-right)
-    "flips": ((0, False), (0, True), (2, True)),
-    "rot90": ((0, False), (1, False), (2, False), (3, False)),
-    "rot180": ((0, False), (2, False)),
+    "flips": ((0, False), (0, True), (180, True)),
+    "rot90": ((0, False), (90, False), (180, False), (270, False)),
+    "rot180": ((0, False), (180, False)),
     # the 8 symmetries of the square
-    "rot90+flips": tuple((k, m) for m in (False, True) for k in range(4)),
+    "rot90+flips": tuple((a, m) for m in (False, True) for a in (0, 90, 180, 270)),
+    # for parts that lie at any angle (a screw): every 45 degrees
+    "rot45": tuple((a, False) for a in range(0, 360, 45)),
 }
 
 #: Patches kept whole by the ``fewshot`` preset: 16 images x 8 views x 32 x 32 patches.
@@ -242,8 +246,8 @@ class PatchCoreModel(AnomalyModel):
         first = 0
         for batch in loader:
             index = torch.arange(first, first + len(batch))
-            for turns, mirror in views:
-                yield self.embed(augmented(batch, turns, mirror)), index
+            for degrees, mirror in views:
+                yield self.embed(augmented(batch, degrees, mirror)), index
             first += len(batch)
 
     @staticmethod
@@ -372,10 +376,22 @@ class PatchCoreModel(AnomalyModel):
         self.bank_source = None if source is None else source.to(torch.int32)
 
 
-def augmented(images: torch.Tensor, turns: int, mirror: bool) -> torch.Tensor:
-    """``(B, 3, S, S)`` turned ``turns`` quarter turns counter-clockwise, then mirrored
-    left-right if ``mirror``."""
-    images = torch.rot90(images, turns, dims=(-2, -1)) if turns % 4 else images
+def augmented(images: torch.Tensor, degrees: int, mirror: bool) -> torch.Tensor:
+    """``(B, 3, S, S)`` rotated ``degrees`` counter-clockwise, then mirrored left-right if
+    ``mirror``. Multiples of 90 are exact; other angles are resampled bilinearly, the
+    corners filled by reflection."""
+    if degrees % 90 == 0:
+        turns = (degrees // 90) % 4
+        images = torch.rot90(images, turns, dims=(-2, -1)) if turns else images
+    else:
+        a = math.radians(degrees)
+        # output (x, y) samples the input at the inverse rotation; y points down in images
+        theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0],
+                              [math.sin(a), math.cos(a), 0.0]], dtype=images.dtype)
+        grid = F.affine_grid(theta.expand(len(images), 2, 3), list(images.shape),
+                             align_corners=False)
+        images = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection",
+                               align_corners=False)
     return images.flip(-1) if mirror else images
 
 
