@@ -61,7 +61,9 @@ def test_fewshot_ranks_synthetic_defects_above_good_images(fitted, texture, imag
         scores, _ = model.score_tensor(images)
     finally:
         model.config.image_score = "top"
-    # MARGIN_NOTE
+    # Measured on 3 synthetic data sets x 3 draws of 4 of their 8 training images: 1.000
+    # on every texture draw (max and top), 0.975-1.000 on the synthetic object; 0.9 leaves
+    # a margin far beyond float rounding on either CPU type.
     assert image_auroc(labels, scores.numpy()) >= 0.9
 
 
@@ -136,14 +138,14 @@ def test_leave_one_out_excludes_an_images_augmented_copies(fitted):
     model, train = fitted
     loo, _ = model.leave_one_out_scores(train)
     for i in (0, 3):
-        others = fewshot()
+        others = fewshot(image_score="top")
         others.fit(ImageDataset([p for j, p in enumerate(train.sources) if j != i], SIZE))
         refit = float(others.score_tensor(train[i][None])[0][0])
         # The bank less image i's rows (its flips too) is the refit's bank, rows in another
         # order: equal up to float32 sums in another order.
         assert loo[i] == pytest.approx(refit, rel=1e-4)
         # Keeping image i's flipped copies would have found closer patches: a lower score.
-        keep_flips = fewshot()
+        keep_flips = fewshot(image_score="top")
         # One batch: the rows are the 4 images, then their two flipped copies.
         copy = torch.arange(len(model.memory_bank)) >= 4 * GRID
         keep_flips._set_bank(model.memory_bank[(model.bank_source != i) | copy])
@@ -183,7 +185,7 @@ def test_one_good_image_fits_without_a_threshold_and_says_so(texture, caplog):
 
 def test_bad_fewshot_settings_are_clear_errors():
     with pytest.raises(FlawscopeError, match="augment"):
-        fewshot(augment="rot45")
+        fewshot(augment="rot7")
     with pytest.raises(FlawscopeError, match="image_score"):
         fewshot(image_score="mean")
     with pytest.raises(FlawscopeError, match="top_fraction"):
