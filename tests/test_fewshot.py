@@ -191,4 +191,4 @@ def test_bad_fewshot_settings_are_clear_errors():
     with pytest.raises(FlawscopeError, match="top_fraction"):
         fewshot(top_fraction=0)
     with pytest.raises(FlawscopeError, match="reweight"):
-        fewshot(reweight=True)
+        fewshot(reweight=True, image_score="top")
