@@ -128,6 +128,11 @@ def calibrate(make_model: Callable[[], AnomalyModel], paths: Sequence[Path],
     from .pipeline import score_paths, split_holdout
 
     paths = list(paths)
+    if len(paths) == 1:
+        log.warning("a single good image: nothing to calibrate a decision threshold on, so "
+                    "none is set and every prediction is 'undecided'. Set one by hand "
+                    "(`flawscope threshold --value`) or refit with 2 or more good images "
+                    "(--calibration loo) before deciding on parts.")
     method = resolve_method(make_model(), method, len(paths),
                             geometry is not None and geometry.tiled)
     if method == "holdout":
