@@ -114,7 +114,7 @@ def main() -> None:
     from flawscope.export import export_model_dir
     from flawscope.gallery import cpu_model
     from flawscope.modelfile import read_manifest
-    from flawscope.quantize import INT8_FILE, quantize_model_dir
+    from flawscope.quantize import INT8_FILE, QuantizationRefused, quantize_model_dir
 
     print(f"CPU: {cpu_model()}; {args.images} real test images per model; "
           f">= {args.min_seconds:g} s per figure")
@@ -126,11 +126,16 @@ def main() -> None:
         if not (model_dir / "model.onnx").is_file():
             export_model_dir(model_dir)
             manifest = read_manifest(model_dir)
-        if "int8" in args.engines.split(",") and not (model_dir / INT8_FILE).is_file():
-            quantize_model_dir(model_dir)
+        engines = args.engines.split(",")
+        if "int8" in engines and not (model_dir / INT8_FILE).is_file():
+            try:
+                quantize_model_dir(model_dir)
+            except QuantizationRefused as exc:
+                print(f"{manifest['model']:<10} int8: {exc}")
+                engines.remove("int8")
             manifest = read_manifest(model_dir)
         for threads in [int(t) for t in args.threads.split(",")]:
-            for engine in args.engines.split(","):
+            for engine in engines:
                 cmd = [sys.executable, __file__, "--worker", "--model-dir", str(model_dir),
                        "--engine", engine, "--threads", str(threads), "--images",
                        str(args.images), "--min-seconds", str(args.min_seconds)]
