@@ -10,10 +10,10 @@ any timing; the maps are not resized (every engine hands them to the same caller
     flock /tmp/flawscope-bench.lock python benchmarks/engines.py \\
         --model-dir runs/patchcore --model-dir runs/padim --engines torch,onnxruntime,openvino
 
-Engines: torch and onnxruntime through :func:`flawscope.engines.open_engine`, ``openvino``
-on the same exported file through OpenVINO's runtime (f32 precision; measured only, not a
-flawscope engine). Each model directory needs an export (``flawscope export DIR``); the
-script makes one when missing.
+Engines: torch, onnxruntime and int8 through :func:`flawscope.engines.open_engine`,
+``openvino`` on the same exported file through OpenVINO's runtime (f32 precision; measured
+only, not a flawscope engine). Each model directory needs an export (``flawscope export
+DIR``; with ``--int8`` for the int8 engine); the script makes the missing ones.
 """
 
 from __future__ import annotations
@@ -114,6 +114,7 @@ def main() -> None:
     from flawscope.export import export_model_dir
     from flawscope.gallery import cpu_model
     from flawscope.modelfile import read_manifest
+    from flawscope.quantize import INT8_FILE, QuantizationRefused, quantize_model_dir
 
     print(f"CPU: {cpu_model()}; {args.images} real test images per model; "
           f">= {args.min_seconds:g} s per figure")
@@ -125,8 +126,16 @@ def main() -> None:
         if not (model_dir / "model.onnx").is_file():
             export_model_dir(model_dir)
             manifest = read_manifest(model_dir)
+        engines = args.engines.split(",")
+        if "int8" in engines and not (model_dir / INT8_FILE).is_file():
+            try:
+                quantize_model_dir(model_dir)
+            except QuantizationRefused as exc:
+                print(f"{manifest['model']:<10} int8: {exc}")
+                engines.remove("int8")
+            manifest = read_manifest(model_dir)
         for threads in [int(t) for t in args.threads.split(",")]:
-            for engine in args.engines.split(","):
+            for engine in engines:
                 cmd = [sys.executable, __file__, "--worker", "--model-dir", str(model_dir),
                        "--engine", engine, "--threads", str(threads), "--images",
                        str(args.images), "--min-seconds", str(args.min_seconds)]

@@ -174,9 +174,11 @@ class Detector:
         ``engine`` runs the scoring graph: ``torch`` (eager), ``onnxruntime`` or ``openvino``
         (the file ``flawscope export`` wrote and checked), or ``auto``: the fastest engine the
         export measured whose parity check passed, else torch (see
-        :mod:`flawscope.engines`). The engine scores one blank image here, so one-time
-        set-up (building a backbone, allocating buffers) is not paid by the first real image;
-        ``warmup_s`` says how long that took.
+        :mod:`flawscope.engines`); ``int8`` (opt-in, never ``auto``) runs the quantized graph
+        ``flawscope export --int8`` wrote and checked (:mod:`flawscope.quantize`). The
+        engine scores one blank image here, so one-time set-up (building a backbone,
+        allocating buffers) is not paid by the first real image; ``warmup_s`` says how long
+        that took.
         """
         from .engines import open_engine
 

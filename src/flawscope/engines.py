@@ -1,4 +1,5 @@
-"""Inference engines: who runs a fitted model's scoring graph (PyTorch, onnxruntime, OpenVINO).
+"""Inference engines: who runs a fitted model's scoring graph (PyTorch, onnxruntime, OpenVINO,
+onnxruntime on the int8 graph).
 
 Every engine takes what :meth:`AnomalyModel.score_batch` takes and returns what it returns:
 ``(B, 3, S, S)`` float32 images in [0, 1] -> ``(scores (B,), maps (B, h, w))``. Resizing the
@@ -18,6 +19,11 @@ refused unless onnxruntime reproduces PyTorch within :data:`flawscope.export.TOL
 from the weights now in the directory; anything else means eager PyTorch. An export left
 behind by an earlier fit is never used: ``auto`` says so in the log and uses PyTorch, an
 explicit ``onnxruntime`` is refused with the command that re-exports.
+
+``int8`` runs ``model.int8.onnx`` (``flawscope export --int8``, :mod:`flawscope.quantize`)
+with the same onnxruntime engine class. It is opt-in: its scores are close to PyTorch's
+(the export's guard measured their correlation and the AUROC kept), not equal, so ``auto``
+never picks it. A stale or unguarded int8 file is refused like a stale ONNX export.
 """
 
 from __future__ import annotations
@@ -36,8 +42,8 @@ from .models import AnomalyModel
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "torch", "onnxruntime", "openvino")
-#: Engines that run the exported file.
+ENGINES = ("auto", "torch", "onnxruntime", "openvino", "int8")
+#: Engines that run the exported float32 file.
 FILE_ENGINES = ("onnxruntime", "openvino")
 
 
@@ -73,11 +79,14 @@ class OnnxRuntimeEngine:
 
     ``threads`` (default: PyTorch's current setting, so both engines use what the process
     was given) sets onnxruntime's intra-op pool; inter-op is 1 (the graphs are sequential).
+    ``name`` is ``int8`` when the file is the quantized graph.
     """
 
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, image_size: int, threads: int | None = None):
+    def __init__(self, path: str | Path, image_size: int, threads: int | None = None,
+                 name: str | None = None):
+        self.name = name or type(self).name
         self.path = Path(path)
         self.image_size = image_size
         self.threads = threads or torch.get_num_threads()
@@ -147,20 +156,49 @@ def onnx_export_status(model_dir: Path, manifest: dict[str, Any]) -> tuple[Path 
     if not path.is_file():
         return None, f"{model_dir} has no ONNX export ({path.name} is missing)"
     weights = manifest.get("weights_sha256")
+    stale = _stale_file(path, model_dir, weights)
+    if stale:
+        return None, stale
+    if entry and entry.get("weights_sha256") not in (None, weights):
+        return None, f"the manifest's ONNX entry of {model_dir} belongs to other weights"
+    if entry and not entry.get("parity_ok", False):
+        return None, f"{path} did not pass the parity check against PyTorch"
+    return path, "ok"
+
+
+def _stale_file(path: Path, model_dir: Path, weights: str | None) -> str | None:
+    """Why the exported file at ``path`` cannot be used with ``weights`` (None: it can)."""
     try:
         import onnx
 
         meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False)
                 .metadata_props}
     except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
-        return None, f"{path} is not a readable ONNX file ({type(exc).__name__})"
+        return f"{path} is not a readable ONNX file ({type(exc).__name__})"
     if meta.get("weights_sha256") != weights:
-        return None, (f"{path} was exported from other weights than {model_dir}'s (the model "
-                      "was fitted again since)")
-    if entry and entry.get("weights_sha256") not in (None, weights):
-        return None, f"the manifest's ONNX entry of {model_dir} belongs to other weights"
-    if entry and not entry.get("parity_ok", False):
-        return None, f"{path} did not pass the parity check against PyTorch"
+        return (f"{path} was exported from other weights than {model_dir}'s (the model "
+                "was fitted again since)")
+    return None
+
+
+def int8_export_status(model_dir: Path, manifest: dict[str, Any]) -> tuple[Path | None, str]:
+    """The usable int8 graph of a model directory, or None and why not (a sentence): it must
+    exist, have passed the export's accuracy guard and come from the current weights."""
+    from .quantize import INT8_FILE
+
+    entry = (manifest.get("exports") or {}).get("int8") or {}
+    path = model_dir / entry.get("file", INT8_FILE)
+    if not path.is_file():
+        return None, f"{model_dir} has no int8 export ({path.name} is missing)"
+    # The file's own metadata first: it tells a file left by an earlier fit even when the
+    # manifest no longer has (or has a wrong) entry.
+    stale = _stale_file(path, model_dir, manifest.get("weights_sha256"))
+    if stale:
+        return None, stale
+    if not entry.get("guard_ok"):
+        return None, f"{path} has no passed accuracy check in the manifest"
+    if entry.get("weights_sha256") != manifest.get("weights_sha256"):
+        return None, f"the manifest's int8 entry of {model_dir} belongs to other weights"
     return path, "ok"
 
 
@@ -172,7 +210,7 @@ def recorded_speeds(manifest: dict[str, Any]) -> dict[str, float]:
 
 def open_engine(model: AnomalyModel, model_dir: Path | None, name: str = "auto",
                 threads: int | None = None, warm_up: bool = True) -> Engine:
-    """The engine ``name`` (``auto``, ``torch``, ``onnxruntime``, ``openvino``) for
+    """The engine ``name`` (``auto``, ``torch``, ``onnxruntime``, ``openvino``, ``int8``) for
     ``model``, which was loaded from ``model_dir`` (None: a model only in memory, which
     only ``torch`` and ``auto`` can run).
 
@@ -200,6 +238,12 @@ def _open_engine(model: AnomalyModel, model_dir: Path | None, name: str,
                           "directory")
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
+    if name == "int8":
+        path, why = int8_export_status(model_dir, manifest)
+        if path is None:
+            raise EngineError(f"cannot use the int8 engine: {why}; run `flawscope export "
+                              f"{model_dir} --int8` (or use another --engine)")
+        return OnnxRuntimeEngine(path, model.image_size, threads, name="int8")
     path, why = onnx_export_status(model_dir, manifest)
     if name in FILE_ENGINES:
         if path is None:
