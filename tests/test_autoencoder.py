@@ -10,6 +10,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+from conftest import torch_threads
 from sklearn.metrics import roc_auc_score
 
 from flawscope.data import ImageDataset, open_category
@@ -304,11 +305,8 @@ def test_ssim_fast_preset_detects_on_the_default_synthetic_object(tmp_path):
                  categories=("synthetic_object",))
         category = open_category(tmp_path / str(data_seed) / "synthetic_object")
         model = get_model_class("ae_ssim").from_settings("fast", {"seed": 0})
-        torch.set_num_threads(2)  # the preset's measured setting (the module runs at 1)
-        try:
+        with torch_threads(2):  # the preset's measured setting (the module runs at 1)
             model.fit(ImageDataset(category.train, model.image_size))
-        finally:
-            torch.set_num_threads(1)
         images = torch.stack([ImageDataset([t.path], model.image_size)[0] for t in category.test])
         labels = np.array([t.is_anomalous for t in category.test])
         aurocs.append(roc_auc_score(labels, model.score_tensor(images)[0].numpy()))

@@ -6,6 +6,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import torch_threads
 
 from flawscope.data import ImageDataset, open_category
 from flawscope.engines import (
@@ -24,14 +25,10 @@ from flawscope.pipeline import fit_model
 def patchcore_dir(synth_root, tmp_path_factory):
     """A small PatchCore fitted on the synthetic object, exported with its speeds recorded."""
     out = tmp_path_factory.mktemp("engines") / "pc"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         fit_model(synth_root / "synthetic_object", "patchcore", out,
                   overrides={"image_size": 64, "coreset_ratio": 0.25})
         export_model_dir(out, measure_s=0.05)
-    finally:
-        torch.set_num_threads(before)
     return out
 
 

@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import torch_threads
 
 from flawscope.cli import cli
 from flawscope.data import ImageDataset, open_category
@@ -31,13 +32,9 @@ def padim_dir(synth_root, tmp_path_factory):
     from click.testing import CliRunner
 
     out = tmp_path_factory.mktemp("int8") / "padim"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         fit_model(synth_root / CATEGORY, "padim", out, overrides=SETTINGS)
         result = CliRunner().invoke(cli, ["export", str(out), "--int8"])
-    finally:
-        torch.set_num_threads(before)
     assert result.exit_code == 0, result.output
     assert "AUROC" in result.output and "correlation" in result.output
     return out

@@ -176,22 +176,13 @@ class PatchCoreModel(AnomalyModel):
 
     def __init__(self, config: PatchCoreConfig | None = None):
         super().__init__(config)
-        if self.config.bank_dtype not in _DTYPES:
-            raise FlawscopeError(f"bank_dtype={self.config.bank_dtype!r}: choose "
-                                 f"{' or '.join(_DTYPES)}")
-        if self.config.coreset not in _CORESETS:
-            raise FlawscopeError(f"coreset={self.config.coreset!r}: choose "
-                                 f"{', '.join(_CORESETS)}")
+        for key, choices in (("bank_dtype", _DTYPES), ("coreset", _CORESETS),
+                             ("augment", AUGMENTATIONS), ("image_score", _IMAGE_SCORES)):
+            _check_choice(key, getattr(self.config, key), choices)
         if not 0 < self.config.coreset_ratio <= 1:
             raise FlawscopeError(f"coreset_ratio={self.config.coreset_ratio}: must be in (0, 1]")
         if len(self.config.stages) < 1:
             raise FlawscopeError("stages: need at least one block group")
-        if self.config.augment not in AUGMENTATIONS:
-            raise FlawscopeError(f"augment={self.config.augment!r}: choose "
-                                 f"{', '.join(AUGMENTATIONS)}")
-        if self.config.image_score not in _IMAGE_SCORES:
-            raise FlawscopeError(f"image_score={self.config.image_score!r}: choose "
-                                 f"{' or '.join(_IMAGE_SCORES)}")
         if not 0 < self.config.top_fraction <= 1:
             raise FlawscopeError(f"top_fraction={self.config.top_fraction}: must be in (0, 1]")
         if self.config.reweight and self.config.image_score != "max":
@@ -398,6 +389,13 @@ def augmented(images: torch.Tensor, degrees: int, mirror: bool) -> torch.Tensor:
     return images.flip(-1) if mirror else images
 
 
+
+def _check_choice(key: str, value: object, choices) -> None:
+    """A clear error when the setting ``key`` is not one of ``choices``."""
+    if value not in choices:
+        names = list(choices)
+        raise FlawscopeError(f"{key}={value!r}: choose "
+                             f"{' or '.join(names) if len(names) == 2 else ', '.join(names)}")
 def patch_features(extractor: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
     """``(B, 3, S, S)`` -> locally aware patch features ``(B, C, h, w)``: each group's map
     averaged over 3 x 3 neighbourhoods, brought to the finest map's size, concatenated."""
