@@ -2,18 +2,22 @@
 
 Prints, for a gaussian model on small synthetic images, all with one thread per worker:
 
-- images/s of local scoring (``Detector.predict_many`` + the records ``flawscope predict``
-  writes) and of :func:`flawscope.cluster.predict` on a local Ray instance with 1 and 2
-  workers, both over the whole run (Ray and actor start-up included) and in steady state
-  (from the first finished shard to the last);
-- Ray's overhead per image at 1 worker vs local, in steady state (target <= 15%);
+- the wall time of local scoring (``Detector.predict_many`` + the records ``flawscope predict``
+  writes) and of :func:`flawscope.cluster.predict` on a fresh local Ray instance with 1 and 2
+  workers, for two input counts (``--counts``; the ``--images`` distinct files repeated in a
+  list file);
+- from those two points, each run's time per image (the slope) and its fixed cost (the
+  intercept: Ray's and the actors' start-up, listing, the model load). The slope excludes the
+  start-up without guessing where a steady state begins, so it is the per-image cost a long
+  run pays; Ray's overhead per image at 1 worker vs local is the ratio of slopes (target
+  <= 15%);
 - the driver's peak memory (RSS above its level before the run, sampled every 50 ms, and
   Python's own peak from tracemalloc) while listing and scoring 10,000 and 100,000 paths
   given in a list file (the same images, repeated): it must not grow with the path count.
 
 Run under the benchmark lock, e.g.::
 
-    flock /tmp/flawscope-bench.lock python benchmarks/ray_predict.py --images 2000
+    flock /tmp/flawscope-bench.lock python benchmarks/ray_predict.py --counts 2000,20000
 """
 
 from __future__ import annotations
@@ -54,15 +58,18 @@ def make_data(root: Path, n_images: int, size: int) -> tuple[Path, list[str]]:
     return root / "model", paths
 
 
-def local_rate(model: Path, paths: list[str], out: Path) -> float:
+def local_seconds(model: Path, listing: Path, out: Path) -> float:
+    """Wall seconds to score every path of ``listing`` in this process, model load included
+    (as Ray's workers include theirs)."""
     torch.set_num_threads(1)
-    detector = Detector.load(model)
     start = time.perf_counter()
+    detector = Detector.load(model)
+    paths = listing.read_text().split()
     with PredictionWriter(out, heatmaps=False) as writer:
-        for path, prediction in zip(paths, detector.predict_many(paths, keep_images=False),
-                                    strict=True):
-            writer.write(prediction, Path(path).stem)
-    return len(paths) / (time.perf_counter() - start)
+        for i, (path, prediction) in enumerate(zip(
+                paths, detector.predict_many(paths, keep_images=False), strict=True)):
+            writer.write(prediction, f"{i:07d}_{Path(path).stem}")
+    return time.perf_counter() - start
 
 
 class RssPeak:
@@ -90,39 +97,44 @@ class RssPeak:
 
 
 def ray_run(model: Path, inputs: list[Path], out: Path, workers: int, shard_size: int):
-    """(wall images/s, steady images/s, summary) of one cluster.predict on a fresh local Ray
-    instance with ``workers`` CPUs; Ray's start is included in the wall figure."""
-    marks: list[tuple[float, int]] = []
-    images = 0
-
-    def progress(line: str) -> None:
-        nonlocal images
-        if line.startswith("[") and "shards]" in line:
-            images = int(line.split("] ")[1].split(" images")[0])
-            marks.append((time.perf_counter(), images))
-
+    """(wall seconds, summary) of one cluster.predict on a fresh local Ray instance with
+    ``workers`` CPUs; Ray's start and shutdown are included."""
     start = time.perf_counter()
     ray.init(num_cpus=workers, include_dashboard=False, logging_level="ERROR",
              log_to_driver=False)
     try:
         summary = cluster.predict(model, inputs, out, workers=workers, cpus_per_task=1,
-                                  shard_size=shard_size, heatmaps=False, progress=progress)
+                                  shard_size=shard_size, heatmaps=False, progress=lambda _: None)
     finally:
         ray.shutdown()
-    wall = summary.n_inputs / (time.perf_counter() - start)
-    (t0, n0), (t1, n1) = marks[0], marks[-1]
-    steady = (n1 - n0) / (t1 - t0) if t1 > t0 else float("nan")
-    return wall, steady, summary
+    return time.perf_counter() - start, summary
+
+
+def repeated_listing(path: Path, paths: list[str], count: int) -> Path:
+    """A list file of ``count`` entries cycling through ``paths``."""
+    with open(path, "w") as f:
+        for i in range(count):
+            f.write(paths[i % len(paths)] + "\n")
+    return path
+
+
+def line_fit(counts: list[int], seconds: list[float]) -> tuple[float, float]:
+    """(seconds per image, fixed seconds) of the least-squares line through the points."""
+    slope, intercept = np.polyfit(np.asarray(counts, float), np.asarray(seconds, float), 1)
+    return float(slope), float(intercept)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=2000, help="distinct images to score")
+    parser.add_argument("--counts", default="2000,20000",
+                        help="input counts (comma-separated, at least two) of the timed runs")
     parser.add_argument("--size", type=int, default=64, help="image side and model size")
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--paths", default="10000,100000",
                         help="path counts for the driver-memory runs")
     args = parser.parse_args()
+    counts = [int(c) for c in args.counts.split(",")]
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), "?")
     print(f"CPU: {cpu}, {os.cpu_count()} logical cores; 1 thread per worker; "
@@ -130,24 +142,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ray_predict_") as tmp:
         root = Path(tmp)
         model, paths = make_data(root, args.images, args.size)
-        listing = root / "images.txt"
-        listing.write_text("\n".join(paths) + "\n")
-        local = local_rate(model, paths, root / "local")
-        print(f"local, 1 process:  {local:8.1f} images/s")
-        for workers in (1, 2):
-            wall, steady, _ = ray_run(model, [listing], root / f"ray{workers}", workers,
-                                      args.shard_size)
-            print(f"Ray, {workers} worker(s): {steady:8.1f} images/s steady, {wall:8.1f} "
-                  f"images/s over the whole run (Ray and actor start-up included)")
-            if workers == 1:
-                overhead = local / steady - 1
-                print(f"Ray overhead per image at 1 worker vs local: {overhead:+.1%} "
-                      f"({1e3 / steady:.3f} vs {1e3 / local:.3f} ms/image; target <= 15%)")
+        fits = {}
+        for run in ("local", "Ray 1 worker", "Ray 2 workers"):
+            seconds = []
+            for count in counts:
+                listing = repeated_listing(root / f"list_{count}.txt", paths, count)
+                out = root / f"{run.replace(' ', '_')}_{count}"
+                if run == "local":
+                    seconds.append(local_seconds(model, listing, out))
+                else:
+                    seconds.append(ray_run(model, [listing], out, int(run.split()[1]),
+                                           args.shard_size)[0])
+                print(f"{run:>13}: {count:>7} images in {seconds[-1]:7.2f} s "
+                      f"({count / seconds[-1]:7.1f} images/s over the whole run)")
+            fits[run] = line_fit(counts, seconds)
+            per_image, fixed = fits[run]
+            print(f"{run:>13}: {1e3 * per_image:.3f} ms per image ({1 / per_image:.1f} "
+                  f"images/s once started), {fixed:.2f} s fixed cost")
+        overhead = fits["Ray 1 worker"][0] / fits["local"][0] - 1
+        print(f"Ray overhead per image at 1 worker vs local: {overhead:+.1%} (target <= 15%)")
         for count in map(int, args.paths.split(",")):
-            big = root / f"paths_{count}.txt"
-            with open(big, "w") as f:
-                for i in range(count):
-                    f.write(paths[i % len(paths)] + "\n")
+            big = repeated_listing(root / f"paths_{count}.txt", paths, count)
             out = root / f"mem{count}"
             tracemalloc.start()
             with RssPeak() as rss:
@@ -156,12 +171,12 @@ def main() -> None:
                 listed_rss = rss.growth_mb
             tracemalloc.stop()
             with RssPeak() as rss:
-                wall, steady, summary = ray_run(model, [big], out, 2, args.shard_size)
+                _, summary = ray_run(model, [big], out, 2, args.shard_size)
                 records = sum(1 for _ in cluster.read_predictions(out))
             assert records == summary.n_inputs == count, (records, summary.n_inputs)
             print(f"{count:>7} paths: listing peak {listed_mb:6.2f} MB Python "
                   f"({listed_rss:6.1f} MB RSS growth); scoring on Ray (2 workers) driver "
-                  f"RSS growth {rss.growth_mb:6.1f} MB, {steady:.1f} images/s steady")
+                  f"RSS growth {rss.growth_mb:6.1f} MB")
 
 
 if __name__ == "__main__":
