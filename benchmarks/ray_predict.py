@@ -1,6 +1,7 @@
 """Batch scoring on Ray vs one local process, and the driver's memory while streaming paths.
 
-Prints, for a gaussian model on small synthetic images, all with one thread per worker:
+Prints, for a model (``--model``, gaussian by default) on small synthetic images, all with one
+thread per worker:
 
 - the wall time of local scoring (``Detector.predict_many`` + the records ``flawscope predict``
   writes) and of :func:`flawscope.cluster.predict` on a fresh local Ray instance with 1 and 2
@@ -43,10 +44,10 @@ from flawscope.predict_files import PredictionWriter  # noqa: E402
 from flawscope.synth import SynthSpec, generate  # noqa: E402
 
 
-def make_data(root: Path, n_images: int, size: int) -> tuple[Path, list[str]]:
+def make_data(root: Path, n_images: int, size: int, model: str) -> tuple[Path, list[str]]:
     generate(root / "synth", SynthSpec(size=size, n_train=20, n_test_good=2,
                                        n_test_per_defect=1))
-    Detector.fit(root / "synth" / "synthetic_object", model="gaussian",
+    Detector.fit(root / "synth" / "synthetic_object", model=model,
                  image_size=size).save(root / "model")
     rng = np.random.default_rng(0)
     (root / "images").mkdir()
@@ -130,18 +131,21 @@ def main() -> None:
     parser.add_argument("--counts", default="2000,20000",
                         help="input counts (comma-separated, at least two) of the timed runs")
     parser.add_argument("--size", type=int, default=64, help="image side and model size")
+    parser.add_argument("--model", default="gaussian",
+                        help="model to fit and score with (gaussian: the least work per image, "
+                             "so Ray's own cost shows most)")
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--paths", default="10000,100000",
-                        help="path counts for the driver-memory runs")
+                        help="path counts for the driver-memory runs (empty: none)")
     args = parser.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), "?")
     print(f"CPU: {cpu}, {os.cpu_count()} logical cores; 1 thread per worker; "
-          f"gaussian model, {args.size} px images, shards of {args.shard_size}")
+          f"{args.model} model, {args.size} px images, shards of {args.shard_size}")
     with tempfile.TemporaryDirectory(prefix="ray_predict_") as tmp:
         root = Path(tmp)
-        model, paths = make_data(root, args.images, args.size)
+        model, paths = make_data(root, args.images, args.size, args.model)
         fits = {}
         for run in ("local", "Ray 1 worker", "Ray 2 workers"):
             seconds = []
@@ -161,7 +165,7 @@ def main() -> None:
                   f"images/s once started), {fixed:.2f} s fixed cost")
         overhead = fits["Ray 1 worker"][0] / fits["local"][0] - 1
         print(f"Ray overhead per image at 1 worker vs local: {overhead:+.1%} (target <= 15%)")
-        for count in map(int, args.paths.split(",")):
+        for count in (int(c) for c in args.paths.split(",") if c):
             big = repeated_listing(root / f"paths_{count}.txt", paths, count)
             out = root / f"mem{count}"
             tracemalloc.start()
