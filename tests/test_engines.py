@@ -16,6 +16,7 @@ from flawscope.engines import (
     open_engine,
     openvino_available,
 )
+from flawscope.enginespeed import engine_speeds
 from flawscope.export import TOLERANCE, export_model_dir
 from flawscope.modelfile import load_model, read_manifest, save_model, update_manifest
 from flawscope.pipeline import fit_model
@@ -78,6 +79,17 @@ def test_export_records_parity_and_speed_in_the_manifest(patchcore_dir):
     assert all(v > 0 for v in entry["img_per_s"].values())
     if openvino_available():
         assert entry["openvino"]["parity_ok"] is True
+
+
+def test_engine_speeds_are_timed_in_fresh_processes(patchcore_dir):
+    # Each engine runs in a child process: the figures come back, and nothing of the child
+    # (an engine, its threads) is left in this process.
+    speeds = engine_speeds([("torch", patchcore_dir), ("onnxruntime", patchcore_dir /
+                                                       "model.onnx")],
+                           image_size=64, threads=1, batch_size=2, min_s=0.01)
+    assert set(speeds) == {"torch", "onnxruntime"} and all(v > 0 for v in speeds.values())
+    with pytest.raises(ValueError, match="unknown engine 'tensorrt'"):
+        engine_speeds([("tensorrt", patchcore_dir)], image_size=64, threads=1)
 
 
 def test_auto_takes_the_faster_recorded_engine(patchcore_dir, tmp_path):

@@ -179,32 +179,20 @@ def images_per_s(fn, batch: torch.Tensor | np.ndarray, min_s: float, min_runs: i
     return runs * len(batch) / (time.perf_counter() - start)
 
 
-def measure_speeds(model: AnomalyModel, path: str | Path, threads: int | None = None,
-                   batch_size: int = SPEED_BATCH, min_s: float = 1.0,
-                   openvino: bool = False) -> dict[str, float]:
-    """Warm images/s of PyTorch (``score_batch``) and of onnxruntime (and OpenVINO) on the
-    file at ``path``, on the same random batch, with ``threads`` threads each (default:
-    PyTorch's setting)."""
-    threads = threads or torch.get_num_threads()
-    size = model.image_size
-    batch = torch.rand(batch_size, 3, size, size, generator=torch.Generator().manual_seed(1))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            eager = images_per_s(model.score_batch, batch, min_s)
-    finally:
-        torch.set_num_threads(before)
-    session = onnx_session(path, threads)
-    arrays = batch.numpy()
-    ort = images_per_s(lambda x: session.run(None, {"images": x}), arrays, min_s)
-    speeds = {"torch": round(eager, 2), "onnxruntime": round(ort, 2)}
-    if openvino:
-        from .engines import OpenVinoEngine
+def measure_speeds(model_dir: str | Path, path: str | Path, image_size: int,
+                   threads: int | None = None, batch_size: int = SPEED_BATCH,
+                   min_s: float = 1.0, openvino: bool = False) -> dict[str, float]:
+    """Warm images/s of PyTorch (the model saved in ``model_dir``) and of onnxruntime (and
+    OpenVINO) on the file at ``path``, on the same random batch, with ``threads`` threads
+    each (default: PyTorch's setting), each engine alone in a fresh process
+    (:mod:`flawscope.enginespeed`)."""
+    from .enginespeed import engine_speeds
 
-        engine = OpenVinoEngine(path, size, threads)
-        speeds["openvino"] = round(images_per_s(engine, batch, min_s), 2)
-    return speeds
+    engines = [("torch", model_dir), ("onnxruntime", path)]
+    if openvino:
+        engines.append(("openvino", path))
+    return engine_speeds(engines, image_size, threads or torch.get_num_threads(), batch_size,
+                         min_s)
 
 
 def check_openvino(model: AnomalyModel, path: str | Path,
@@ -267,7 +255,8 @@ def export_model_dir(model_dir: str | Path, out: str | Path | None = None,
         entry["openvino"] = check_openvino(model, path, check_images)
         with_openvino = entry["openvino"]["parity_ok"]
     if measure_s > 0:
-        entry["img_per_s"] = measure_speeds(model, path, threads, min_s=measure_s,
+        entry["img_per_s"] = measure_speeds(model_dir, path, model.image_size, threads,
+                                            min_s=measure_s,
                                             openvino=with_openvino)
         entry["speed"] = {"batch": SPEED_BATCH, "threads": threads, "cpu": cpu_model()}
     exports = dict(manifest.get("exports") or {})

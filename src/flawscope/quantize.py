@@ -323,7 +323,8 @@ def quantize_model_dir(model_dir: str | Path, calibration_data: str | Path | Non
 
     from .data import ImageDataset
     from .engines import onnx_export_status
-    from .export import SPEED_BATCH, images_per_s, onnx_session
+    from .enginespeed import engine_speeds
+    from .export import SPEED_BATCH, onnx_session
     from .gallery import cpu_model
     from .modelfile import read_manifest, update_manifest
 
@@ -364,14 +365,11 @@ def quantize_model_dir(model_dir: str | Path, calibration_data: str | Path | Non
                 f"image AUROC is {result['auroc_int8']:.4f} int8 vs {result['auroc_fp32']:.4f} "
                 f"fp32 (bound: a drop of at most {max_auroc_drop}) and the score correlation "
                 f"is {result['correlation']:.4f} (bound: at least {min_correlation})")
+        del fp32, int8
         speeds = None
         if measure_s > 0:
-            batch = torch.rand(SPEED_BATCH, 3, size, size,
-                               generator=torch.Generator().manual_seed(1)).numpy()
-            speeds = {name: round(images_per_s(lambda x, s=s: s.run(None, {"images": x}),
-                                               batch, measure_s), 2)
-                      for name, s in (("onnxruntime", fp32), ("int8", int8))}
-        del fp32, int8
+            speeds = engine_speeds([("onnxruntime", src), ("int8", tmp)], size, threads,
+                                   SPEED_BATCH, measure_s)
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
