@@ -17,6 +17,7 @@ from flawscope.engines import (
     openvino_available,
 )
 from flawscope.enginespeed import engine_speeds
+from flawscope.errors import FlawscopeError
 from flawscope.export import TOLERANCE, export_model_dir
 from flawscope.modelfile import load_model, read_manifest, save_model, update_manifest
 from flawscope.pipeline import fit_model
@@ -90,6 +91,9 @@ def test_engine_speeds_are_timed_in_fresh_processes(patchcore_dir):
     assert set(speeds) == {"torch", "onnxruntime"} and all(v > 0 for v in speeds.values())
     with pytest.raises(ValueError, match="unknown engine 'tensorrt'"):
         engine_speeds([("tensorrt", patchcore_dir)], image_size=64, threads=1)
+    # A child that fails reports the engine and the file, not a broken pipe.
+    with pytest.raises(FlawscopeError, match=r"timing the onnxruntime engine on .*gone\.onnx"):
+        engine_speeds([("onnxruntime", patchcore_dir / "gone.onnx")], image_size=64, threads=1)
 
 
 def test_auto_takes_the_faster_recorded_engine(patchcore_dir, tmp_path):

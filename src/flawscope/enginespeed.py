@@ -7,9 +7,10 @@ OpenVINO's TBB), whose threads go on spinning for a while after a call and take 
 the next engine. Measured in one process on a 2-core AMD EPYC (PaDiM, 256 px, batch 16,
 2 threads), the same onnxruntime session gave 22, 50 and 20 images/s on three successive
 timings and eager PyTorch 8, 27 and 34, where ``benchmarks/engines.py`` (one engine per
-process) measures 45 and 26. Here every engine is timed in its own freshly spawned process,
-one at a time, on the same seeded batch: a few seconds more per export for figures that
-can be trusted.
+process) measures 45 and 26. Here every engine is timed in its own new Python process
+(``python -m flawscope.enginespeed``, so the caller's script is never re-imported), one at a
+time, on the same seeded batch: a few seconds more per export for figures that can be
+trusted.
 
 >>> speeds = engine_speeds([("torch", "runs/screw"), ("onnxruntime", "runs/screw/model.onnx")],
 ...                        image_size=256, threads=2)        # doctest: +SKIP
@@ -19,10 +20,14 @@ can be trusted.
 
 from __future__ import annotations
 
-import multiprocessing
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from .errors import FlawscopeError
 
 #: What each engine name times: ``torch`` loads a model directory, the others open a file.
 ENGINE_SOURCES = {"torch": "model directory", "onnxruntime": "ONNX file",
@@ -32,16 +37,22 @@ ENGINE_SOURCES = {"torch": "model directory", "onnxruntime": "ONNX file",
 def engine_speeds(engines: Sequence[tuple[str, str | Path]], image_size: int, threads: int,
                   batch_size: int = 16, min_s: float = 1.0) -> dict[str, float]:
     """``{name: warm images/s}`` of each ``(name, source)`` in ``engines``, each timed in a
-    fresh process (one at a time) with ``threads`` threads on a seeded random batch of
+    new process (one at a time) with ``threads`` threads on a seeded random batch of
     ``batch_size`` images, for at least ``min_s`` seconds after one untimed call."""
-    context = multiprocessing.get_context("spawn")
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
     speeds: dict[str, float] = {}
     for name, source in engines:
         if name not in ENGINE_SOURCES:
             raise ValueError(f"unknown engine {name!r}; known: {', '.join(ENGINE_SOURCES)}")
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            speeds[name] = round(pool.submit(_time_engine, name, str(source), image_size,
-                                             threads, batch_size, min_s).result(), 2)
+        args = [name, str(source), str(image_size), str(threads), str(batch_size), str(min_s)]
+        proc = subprocess.run([sys.executable, "-m", "flawscope.enginespeed", *args],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+            raise FlawscopeError(f"timing the {name} engine on {source} failed: {last}")
+        speeds[name] = round(json.loads(proc.stdout.strip().splitlines()[-1]), 2)
     return speeds
 
 
@@ -64,3 +75,9 @@ def _time_engine(name: str, source: str, image_size: int, threads: int, batch_si
     batch = torch.rand(batch_size, 3, image_size, image_size,
                        generator=torch.Generator().manual_seed(1))
     return images_per_s(engine, batch, min_s)
+
+
+if __name__ == "__main__":
+    name, source, size, threads, batch, min_s = sys.argv[1:7]
+    print(json.dumps(_time_engine(name, source, int(size), int(threads), int(batch),
+                                  float(min_s))))
