@@ -30,10 +30,13 @@ def _score_one(model, dataset, i):
     return float(scores[0]), maps[0].numpy()
 
 
-@pytest.mark.parametrize("reweight", [False, True])
-def test_patchcore_leave_one_out_equals_a_bank_without_that_images_patches(texture, reweight):
+@pytest.mark.parametrize("reweight,coreset", [(False, "exact"), (True, "exact"),
+                                               (False, "approx")])
+def test_patchcore_leave_one_out_equals_a_bank_without_that_images_patches(texture, reweight,
+                                                                           coreset):
     model = get_model_class("patchcore").from_settings(
-        None, {"image_size": 64, "coreset_ratio": 0.25, "reweight": reweight})
+        None, {"image_size": 64, "coreset_ratio": 0.25, "reweight": reweight,
+               "coreset": coreset})
     train = _dataset(texture, 64)
     model.fit(train)
     scores, maps = model.leave_one_out_scores(train)

@@ -96,6 +96,23 @@ def test_streaming_coreset_errors_and_small_inputs():
     assert torch.equal(stream.result(), torch.ones(1, 4))
 
 
+def test_streamed_rows_keep_their_sources_through_every_reduction():
+    # Each row carries its source in its first column, so a kept row shows where it came from.
+    generator = torch.Generator().manual_seed(0)
+    stream = StreamingCoreset(ratio=0.1, chunk_rows=1500, seed=2)
+    for _ in range(8):
+        rows = torch.randn(700, 6, generator=generator)
+        sources = torch.randint(0, 50, (700,), generator=generator)
+        rows[:, 0] = sources
+        stream.add(rows, sources)
+    rows, sources = stream.result_with_sources()
+    assert len(rows) == 560 and torch.equal(rows[:, 0].long(), sources)
+    with pytest.raises(ValueError, match="every add or with none"):
+        stream = StreamingCoreset(ratio=0.1)
+        stream.add(torch.randn(10, 4), torch.zeros(10))
+        stream.add(torch.randn(10, 4))
+
+
 @pytest.fixture(scope="module")
 def texture(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth_coreset")

@@ -170,11 +170,16 @@ def cell_coreset(features: torch.Tensor, n_select: int, seed: int = 0, cell_size
 class StreamingCoreset:
     """Approximate coreset of rows fed in pieces, holding one chunk plus the reduced rows.
 
+    Each row may come with a source (an integer label, such as the index of the image it
+    was taken from) that follows it through every reduction, so that the kept rows can be
+    traced back (PatchCore's leave-one-out scoring needs each bank row's image).
+
     >>> stream = StreamingCoreset(ratio=0.1, chunk_rows=4096)
-    >>> for _ in range(5):
-    ...     stream.add(torch.randn(1000, 8))
-    >>> stream.result().shape
-    torch.Size([500, 8])
+    >>> for i in range(5):
+    ...     stream.add(torch.randn(1000, 8), sources=torch.full((1000,), i))
+    >>> rows, sources = stream.result_with_sources()
+    >>> rows.shape, sources.shape
+    (torch.Size([500, 8]), torch.Size([500]))
     """
 
     def __init__(self, ratio: float, seed: int = 0, chunk_rows: int = 1 << 19,
@@ -187,45 +192,70 @@ class StreamingCoreset:
         self.cell_size, self.projection_dim = cell_size, projection_dim
         self.seen = 0
         self._buffer: torch.Tensor | None = None
+        self._sources: torch.Tensor | None = None   # source of each buffer row, if given
+        self._with_sources: bool | None = None       # fixed by the first add
         self._filled = 0
-        self._kept: list[torch.Tensor] = []
+        self._kept: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
-    def add(self, rows: torch.Tensor) -> None:
-        """Append ``(n, d)`` feature rows (copied into the chunk buffer)."""
+    def add(self, rows: torch.Tensor, sources: torch.Tensor | None = None) -> None:
+        """Append ``(n, d)`` feature rows (copied into the chunk buffer), with an ``(n,)``
+        integer source per row either on every call or on none."""
         rows = rows.detach().float()
+        if self._with_sources is None:
+            self._with_sources = sources is not None
+        if self._with_sources != (sources is not None):
+            raise ValueError("give sources with every add or with none")
+        if sources is not None and sources.shape != (len(rows),):
+            raise ValueError(f"sources of shape {tuple(sources.shape)} for {len(rows)} rows")
         self.seen += len(rows)
         while len(rows):
             if self._buffer is None:
                 self._buffer = torch.empty(self.chunk_rows, rows.shape[1])
+                if self._with_sources:
+                    self._sources = torch.empty(self.chunk_rows, dtype=torch.long)
             take = min(len(rows), self.chunk_rows - self._filled)
             self._buffer[self._filled:self._filled + take] = rows[:take]
+            if sources is not None:
+                self._sources[self._filled:self._filled + take] = sources[:take]
+                sources = sources[take:]
             self._filled += take
             rows = rows[take:]
             if self._filled == self.chunk_rows:
                 self._reduce()
 
+    def _buffered(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        sources = self._sources[:self._filled] if self._sources is not None else None
+        return self._buffer[:self._filled], sources
+
     def _reduce(self) -> None:
-        chunk = self._buffer[:self._filled]
+        chunk, sources = self._buffered()
         n_keep = math.ceil(self.keep_ratio * len(chunk))
         chosen = cell_coreset(chunk, n_keep, seed=self.seed + len(self._kept),
                               cell_size=self.cell_size, projection_dim=self.projection_dim)
-        self._kept.append(chunk[chosen].clone())
+        self._kept.append((chunk[chosen].clone(),
+                           None if sources is None else sources[chosen].clone()))
         self._filled = 0
 
     def result(self) -> torch.Tensor:
         """The coreset rows: ``ceil(ratio * rows seen)`` of them (float32)."""
+        return self.result_with_sources()[0]
+
+    def result_with_sources(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The coreset rows and their sources (None where none were given)."""
         if self.seen == 0:
             raise ValueError("no rows were added")
         n_select = max(1, math.ceil(self.ratio * self.seen))
         if not self._kept:                            # everything fitted in one chunk
-            rows = self._buffer[:self._filled]
+            rows, sources = self._buffered()
         else:
             if self._filled:
                 self._reduce()
-            self._buffer = None
-            rows = torch.cat(self._kept)
+            self._buffer = self._sources = None
+            rows = torch.cat([r for r, _ in self._kept])
+            sources = None if not self._with_sources else torch.cat([s for _, s in self._kept])
             self._kept = []
         if n_select >= len(rows):
-            return rows.clone()
-        return rows[cell_coreset(rows, n_select, seed=self.seed, cell_size=self.cell_size,
-                                 projection_dim=self.projection_dim)]
+            return rows.clone(), None if sources is None else sources.clone()
+        chosen = cell_coreset(rows, n_select, seed=self.seed, cell_size=self.cell_size,
+                              projection_dim=self.projection_dim)
+        return rows[chosen], None if sources is None else sources[chosen]

@@ -192,8 +192,7 @@ class PatchCoreModel(AnomalyModel):
         self.memory_bank: torch.Tensor | None = None
         self._search: ClusteredBank | None = None
         #: Index (in the fitted dataset) of the image each bank row came from; None for models
-        #: saved before it was recorded and for the approximate coreset (they score as
-        #: before, without leave-one-out).
+        #: saved before it was recorded (they score as before, without leave-one-out).
         self.bank_source: torch.Tensor | None = None
 
     # ----------------------------------------------------------------- features
@@ -231,7 +230,7 @@ class PatchCoreModel(AnomalyModel):
         if method == "exact":
             bank = self._exact_bank(itertools.chain([first], batches), n_patches, keep_all)
         else:
-            bank = self._approx_bank(emb for emb, _ in itertools.chain([first], batches))
+            bank = self._approx_bank(itertools.chain([first], batches))
         self._set_bank(bank.to(_DTYPES[self.config.bank_dtype]).contiguous())
 
     def _view_features(self, loader, views) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -271,12 +270,15 @@ class PatchCoreModel(AnomalyModel):
         self.bank_source = source
         return bank
 
-    def _approx_bank(self, batches: Iterator[torch.Tensor]) -> torch.Tensor:
+    def _approx_bank(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
+                     ) -> torch.Tensor:
         stream = StreamingCoreset(self.config.coreset_ratio, seed=int(self.config.seed),
                                   projection_dim=self.config.projection_dim or None)
-        for emb in batches:
-            stream.add(self._rows(emb))
-        return stream.result()
+        for emb, index in batches:
+            stream.add(self._rows(emb), index.repeat_interleave(emb.shape[2] * emb.shape[3]))
+        bank, source = stream.result_with_sources()
+        self.bank_source = source.to(torch.int32)
+        return bank
 
     def _set_bank(self, bank: torch.Tensor) -> None:
         self.memory_bank = bank
@@ -310,11 +312,8 @@ class PatchCoreModel(AnomalyModel):
         return PatchCoreScorer(self)
 
     # ----------------------------------------------------------------- leave-one-out
-    @property
-    def supports_leave_one_out(self) -> bool:
-        """Leave-one-out needs each bank row's source image, which the exact coreset keeps
-        (the approximate one does not: calibrate those with a hold-out)."""
-        return self.config.coreset == "exact"
+    #: Both coresets keep each bank row's source image, which leave-one-out needs.
+    supports_leave_one_out = True
 
     @torch.inference_mode()
     def leave_one_out_scores(self, images: torch.utils.data.Dataset
