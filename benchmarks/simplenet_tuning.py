@@ -64,7 +64,8 @@ def main() -> None:
         cat = open_category(folder)
         probe = cls.from_settings("fast")
         size = probe.image_size
-        key = f"{folder.name}-{size}-{probe.config.backbone}-{'_'.join(map(str, probe.config.stages))}"
+        stages = "_".join(map(str, probe.config.stages))
+        key = f"{folder.name}-{size}-{probe.config.backbone}-{stages}"
         train = features(probe, cat.train, size, args.cache / f"{key}-train.pt")
         test = features(probe, [t.path for t in cat.test], size, args.cache / f"{key}-test.pt")
         labels = np.array([t.is_anomalous for t in cat.test])
@@ -78,7 +79,7 @@ def main() -> None:
             results = []
             for seed in seeds:
                 model = cls.from_settings("fast", {**overrides, "seed": seed})
-                model._training_rows = lambda images: (rows.clone(), folder.name)
+                model._training_rows = lambda images, r=rows, n=folder.name: (r.clone(), n)
                 start = time.perf_counter()
                 model.fit(None)
                 fit_s = time.perf_counter() - start
