@@ -4,8 +4,9 @@ The backbone is frozen, so the features of a category's training and test images
 for every setting of the head (noise, learning rates, steps, width): they are computed once per
 category (and image size) and kept on disk under ``--cache``; every setting then only trains
 the head and scores the cached test features. Prints, per category and setting, the image
-AUROC and AU-PRO (maps and masks at the model's image size, not the images' own: for
-comparing settings, not for the results table) and the head's training time, per seed.
+AUROC (and that of the unsmoothed patch maximum) and AU-PRO (maps and masks at the model's
+image size, not the images' own: for comparing settings, not for the results table) and the
+head's training time, per seed.
 
     python benchmarks/simplenet_tuning.py --data ../shared/datasets \\
         --categories screw,welding --seeds 0,1 \\
@@ -88,12 +89,17 @@ def main() -> None:
                                                           model.config.sigma)
                                       for part in test.split(32)])
                 scores = maps.flatten(1).amax(1).numpy()
+                with torch.no_grad():
+                    raw = torch.cat([model.head(part).flatten(1).amax(1)
+                                     for part in test.split(32)]).numpy()
                 pro = aupro(masks, maps.numpy()) if masks is not None else float("nan")
-                results.append((image_auroc(labels, scores), pro, fit_s))
+                results.append((image_auroc(labels, scores), pro, fit_s,
+                                image_auroc(labels, raw)))
             a = np.array(results)
             per_seed = " ".join(f"{r[0]:.3f}/{r[1]:.3f}" for r in results)
             print(f"{folder.name:14s} {text or '(fast)':50s} image AUROC {a[:, 0].mean():.3f} "
-                  f"AU-PRO {a[:, 1].mean():.3f} head fit {a[:, 2].mean():.0f} s "
+                  f"AU-PRO {a[:, 1].mean():.3f} (unsmoothed max {a[:, 3].mean():.3f}) "
+                  f"head fit {a[:, 2].mean():.0f} s "
                   f"[{per_seed}] last loss {model.history[-1]['loss']:.3f}", flush=True)
 
 

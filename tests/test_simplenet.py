@@ -51,11 +51,13 @@ def test_fast_is_the_default_preset_and_paper_is_the_papers():
     assert cls.from_settings().head.discriminator[0].out_features == 101  # 2/3 of 152
 
 
-#: Image AUROC of this run measured with training seeds 0, 1, 2 (AMD EPYC, 1 thread):
+#: 80 steps of 1024 patches (the fast preset's noise and learning rates): image AUROC 1.000,
+#: 1.000, 0.981 with training seeds 0, 1, 2 (AMD EPYC, 1 thread); 0.9 leaves room for
+#: another CPU's rounding, which changes a fit's course (not its quality) after a few steps.
 DETECTION_RUN = {"epochs": 4, "batches_per_epoch": 20, "batch_size": 1024}
 
 
-@pytest.mark.parametrize("seed", [0])
+@pytest.mark.parametrize("seed", [0, 2])
 def test_ranks_synthetic_defects_above_good_images(texture, seed, tmp_path):
     model = small(**DETECTION_RUN, seed=seed)
     model.fit(ImageDataset(texture.train, SIZE), workdir=tmp_path)

@@ -90,12 +90,13 @@ from .patchcore import patch_features
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+NORMALIZATIONS = ("channel", "global")
 #: Settings that may change between an interrupted fit and its resumption.
 _RESUMABLE_CHANGES = {"epochs"}
 
 #: The ``fast`` preset (the default): see the tuning notes in the comments of PRESETS.
 FAST = {"epochs": 20, "batches_per_epoch": 40, "batch_size": 4096,
-        "lr_adaptor": 1e-3, "lr_discriminator": 1e-3, "noise_std": 0.1}
+        "lr_adaptor": 1e-3, "lr_discriminator": 1e-3, "noise_std": 0.5}
 
 
 @dataclass
@@ -105,6 +106,11 @@ class SimpleNetConfig:
     backbone: str = "efficientnet_lite0"
     #: Block groups whose outputs make the patch features (as patchcore's).
     stages: tuple[int, ...] = (2, 4)
+    #: Feature scaling before the adaptor: "global" (each channel to mean 0, all divided by
+    #: one common standard deviation: the channels keep their relative spreads, so the noise
+    #: is isotropic in the backbone's own feature space, as in the paper, where it is added to
+    #: unscaled features) or "channel" (each channel to mean 0, standard deviation 1).
+    normalize: str = "global"
     #: Hidden width of the discriminator; 0 = two thirds of the feature width (the paper's
     #: 1024 for 1536 features; 101 for the 152 channels of the default stages).
     hidden: int = 0
@@ -189,6 +195,9 @@ class SimpleNetModel(AnomalyModel):
         for key in ("noise_std", "margin", "lr_adaptor", "lr_discriminator"):
             if not float(getattr(c, key)) > 0:
                 raise FlawscopeError(f"{key}={getattr(c, key)}: must be positive")
+        if c.normalize not in NORMALIZATIONS:
+            raise FlawscopeError(f"normalize={c.normalize!r}: choose "
+                                 f"{' or '.join(NORMALIZATIONS)}")
         if not c.stages or any(not 0 <= int(s) < len(STAGE_CHANNELS) for s in c.stages):
             raise FlawscopeError(f"stages {tuple(c.stages)}: choose block groups among "
                                  f"0..{len(STAGE_CHANNELS) - 1}")
@@ -248,9 +257,11 @@ class SimpleNetModel(AnomalyModel):
         if workdir is not None:
             workdir.mkdir(parents=True, exist_ok=True)
         head = self.head
-        mean = rows.mean(0)
+        mean, var = rows.mean(0), rows.var(0)
+        if self.config.normalize == "global":  # the centred features' root mean square
+            var = var.mean().expand_as(var)
         # a floor: a channel that never varies (ReLU6 at 0) must not blow up to infinity
-        std = rows.std(0).clamp_min(1e-6 * float(rows.abs().max().clamp_min(1)))
+        std = var.sqrt().clamp_min(1e-6 * float(rows.abs().max().clamp_min(1)))
         head.mean.copy_(mean)
         head.std.copy_(std)
         rows.sub_(mean).div_(std)  # in place: no second copy of the features
