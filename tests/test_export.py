@@ -99,16 +99,19 @@ def test_export_that_drifts_from_pytorch_is_not_written(tmp_path, monkeypatch):
 
 
 #: Small settings per registered model: parity does not depend on how well a model is
-#: trained, so the backbone models are fitted on four images and the networks keep their
-#: initial weights.
+#: trained, so the backbone models are fitted on four images (simplenet for two optimizer
+#: steps) and the networks keep their initial weights.
 TINY = {"ae_l2": {"image_size": 64, "epochs": 1, "batches_per_epoch": 1, "batch_size": 4},
         "ae_ssim": {"image_size": 64, "epochs": 1, "batches_per_epoch": 1, "batch_size": 4},
         "fanogan": {},
         "gaussian": {"image_size": 64},
         "padim": {"image_size": 128},
         "patchcore": {"image_size": 128},
-        "patchcore:reweight": {"image_size": 96, "reweight": True, "coreset_ratio": 0.25}}
-FITTED = ("gaussian", "padim", "patchcore")
+        "patchcore:reweight": {"image_size": 96, "reweight": True, "coreset_ratio": 0.25},
+        "simplenet": {"image_size": 64, "epochs": 1, "batches_per_epoch": 2, "batch_size": 256}}
+#: Fitted before export: the backbone models, and simplenet, whose feature standardization
+#: and batch-norm statistics come from its training features.
+FITTED = ("gaussian", "padim", "patchcore", "simplenet")
 
 
 def tiny_model(name, category):

@@ -7,8 +7,8 @@ from flawscope.errors import FlawscopeError
 
 
 def test_every_shipped_model_is_registered():
-    assert {"gaussian", "ae_l2", "ae_ssim", "fanogan", "patchcore", "padim"} <= set(
-        models.available_models())
+    assert {"gaussian", "ae_l2", "ae_ssim", "fanogan", "patchcore", "padim",
+            "simplenet"} <= set(models.available_models())
 
 
 def test_a_broken_model_module_is_named_and_does_not_hide_the_others(tmp_path, monkeypatch):
