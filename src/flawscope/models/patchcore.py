@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..backbones import FeatureExtractor
+from ..backbones import EnsembleExtractor, FeatureExtractor, backbone_names, create_extractor
 from ..cellcoreset import StreamingCoreset
 from ..coreset import greedy_coreset
 from ..errors import FlawscopeError
@@ -183,12 +183,13 @@ class PatchCoreModel(AnomalyModel):
             raise FlawscopeError(f"coreset_ratio={self.config.coreset_ratio}: must be in (0, 1]")
         if len(self.config.stages) < 1:
             raise FlawscopeError("stages: need at least one block group")
+        backbone_names(self.config.backbone)  # a clear error for an unknown name, up front
         if not 0 < self.config.top_fraction <= 1:
             raise FlawscopeError(f"top_fraction={self.config.top_fraction}: must be in (0, 1]")
         if self.config.reweight and self.config.image_score != "max":
             raise FlawscopeError("reweight re-weights the max patch score: use it with "
                                  "image_score=max")
-        self._extractor: FeatureExtractor | None = None
+        self._extractor: FeatureExtractor | EnsembleExtractor | None = None
         self.memory_bank: torch.Tensor | None = None
         self._search: ClusteredBank | None = None
         #: Index (in the fitted dataset) of the image each bank row came from; None for models
@@ -198,9 +199,9 @@ class PatchCoreModel(AnomalyModel):
 
     # ----------------------------------------------------------------- features
     @property
-    def extractor(self) -> FeatureExtractor:
+    def extractor(self) -> FeatureExtractor | EnsembleExtractor:
         if self._extractor is None:
-            self._extractor = FeatureExtractor(self.config.backbone, tuple(self.config.stages),
+            self._extractor = create_extractor(self.config.backbone, tuple(self.config.stages),
                                                channels_last=self.config.channels_last)
         return self._extractor
 
@@ -396,7 +397,8 @@ def _check_choice(key: str, value: object, choices) -> None:
         names = list(choices)
         raise FlawscopeError(f"{key}={value!r}: choose "
                              f"{' or '.join(names) if len(names) == 2 else ', '.join(names)}")
-def patch_features(extractor: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
+def patch_features(extractor: FeatureExtractor | EnsembleExtractor,
+                   images: torch.Tensor) -> torch.Tensor:
     """``(B, 3, S, S)`` -> locally aware patch features ``(B, C, h, w)``: each group's map
     averaged over 3 x 3 neighbourhoods, brought to the finest map's size, concatenated."""
     features = extractor(images)
