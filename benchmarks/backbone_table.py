@@ -1,0 +1,107 @@
+"""PatchCore with each backbone (or ensemble): image AUROC, AU-PRO, fit s, images/s, memory.
+
+Runs, for every backbone setting and category, one
+
+    flock /tmp/flawscope-bench.lock python -m flawscope benchmark --data DATA \
+        --categories CATEGORY --models patchcore --set backbone=BACKBONE \
+        --set coreset=auto --out OUT/NAME
+
+(one category per locked job, so that other timings interleave), then prints one markdown
+table from the ``metrics.json`` files with each backbone's mean over the categories.
+Resumable: a rerun skips finished pairs. ``--table-only`` prints the table of what exists.
+
+    python benchmarks/backbone_table.py --data ../shared/datasets --out runs/backbones \
+        --backbones lite0,lite2,lite0+lite2,lite1
+
+Short names: ``lite0`` is ``efficientnet_lite0``, ``lite0+lite2`` the ensemble of both
+(features concatenated per patch, :class:`flawscope.backbones.EnsembleExtractor`).
+``coreset=auto`` because magnetic_tile's 762 training images give 700,000 patches, where
+the exact coreset takes far longer than the approximate one; every backbone gets the same
+settings. Threads: PyTorch's default (one per core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CATEGORIES = "screw,toothbrush,magnetic_tile,welding"
+COLUMNS = ["image_auroc", "pixel_aupro", "fit_s", "infer_img_per_s", "peak_rss_mb"]
+
+
+def full_name(short: str) -> str:
+    """``lite0+lite2`` -> ``efficientnet_lite0+efficientnet_lite2``."""
+    return "+".join(p if p.startswith("efficientnet_") else f"efficientnet_{p}"
+                    for p in short.split("+"))
+
+
+def run(args: argparse.Namespace) -> None:
+    for name in args.backbones.split(","):
+        for category in args.categories.split(","):
+            out = Path(args.out) / name
+            if (out / "patchcore" / category / "metrics.json").is_file():
+                continue
+            cmd = ["flock", "/tmp/flawscope-bench.lock", sys.executable, "-m", "flawscope",
+                   "benchmark", "--data", args.data, "--categories", category,
+                   "--models", "patchcore", "--set", f"backbone={full_name(name)}",
+                   "--set", "coreset=auto", "--out", str(out)]
+            print(" ".join(cmd), flush=True)
+            subprocess.run(cmd, check=False)
+
+
+def _cell(key: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if key in ("image_auroc", "pixel_aupro") else (
+        f"{value:.2f}" if key == "infer_img_per_s" else f"{value:.0f}")
+
+
+def table(args: argparse.Namespace) -> str:
+    categories = args.categories.split(",")
+    lines = ["| backbone | " + " | ".join(categories) + " | mean AUROC | mean AU-PRO "
+             "| fit s (sum) | img/s (mean) | peak MB (max) |",
+             "|---" * (6 + len(categories)) + "|"]
+    for name in args.backbones.split(","):
+        found = {}
+        for category in categories:
+            path = Path(args.out) / name / "patchcore" / category / "metrics.json"
+            if path.is_file():
+                found[category] = json.loads(path.read_text())
+        cells = [f"{_cell('image_auroc', found[c]['image_auroc'])} / "
+                 f"{_cell('pixel_aupro', found[c].get('pixel_aupro'))}"
+                 if c in found else "-" for c in categories]
+        complete = len(found) == len(categories)
+        mean = {k: sum(m[k] for m in found.values()) / len(found) if complete else None
+                for k in ("image_auroc", "pixel_aupro", "infer_img_per_s")}
+        total_fit = sum(m["fit_s"] for m in found.values()) if complete else None
+        peak = max(m["peak_rss_mb"] for m in found.values()) if complete else None
+        lines.append(f"| {name} | " + " | ".join(cells) + " | "
+                     + " | ".join([_cell("image_auroc", mean["image_auroc"]),
+                                   _cell("pixel_aupro", mean["pixel_aupro"]),
+                                   _cell("fit_s", total_fit),
+                                   _cell("infer_img_per_s", mean["infer_img_per_s"]),
+                                   _cell("peak_rss_mb", peak)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--categories", default=CATEGORIES)
+    parser.add_argument("--backbones", default="lite0,lite2,lite0+lite2,lite1")
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+    if not args.table_only:
+        run(args)
+    text = table(args)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "backbone_table.md").write_text(text)
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()
