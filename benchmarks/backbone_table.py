@@ -10,6 +10,12 @@ Runs, for every backbone setting and category, one
 table from the ``metrics.json`` files with each backbone's mean over the categories.
 Resumable: a rerun skips finished pairs. ``--table-only`` prints the table of what exists.
 
+``--speed CATEGORY`` then times the fitted models of one category against each other in one
+locked process: the same test images scored in batches of 16, the backbones taking turns
+for ``--rounds`` rounds (so a slower period of the machine hits all of them), median
+images/s. The benchmark's own images/s come from separate processes minutes apart and from
+as few as 42 test images, so they move with whatever else the machine does.
+
     python benchmarks/backbone_table.py --data ../shared/datasets --out runs/backbones \
         --backbones lite0,lite2,lite0+lite2,lite1
 
@@ -50,6 +56,38 @@ def run(args: argparse.Namespace) -> None:
                    "--set", "coreset=auto", "--out", str(out)]
             print(" ".join(cmd), flush=True)
             subprocess.run(cmd, check=False)
+
+
+def speed(args: argparse.Namespace) -> str:
+    """Median images/s of each backbone's fitted model on ``args.speed``'s test images."""
+    import statistics
+    import time
+
+    import torch
+
+    from flawscope.data import ImageDataset, find_categories, open_category
+    from flawscope.modelfile import load_model
+
+    names = args.backbones.split(",")
+    models = {n: load_model(Path(args.out) / n / "patchcore" / args.speed / "model")[0]
+              for n in names}
+    category = open_category(find_categories(args.data, [args.speed])[0])
+    paths = [t.path for t in category.test][:args.images]
+    size = models[names[0]].image_size
+    images = torch.stack([ImageDataset(paths, size)[i] for i in range(len(paths))])
+    for model in models.values():  # warm-up: lazy backbone build, first allocations
+        model.score_batch(images[:16])
+    rates: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            start = time.perf_counter()
+            for i in range(0, len(images), 16):
+                model.score_batch(images[i:i + 16])
+            rates[name].append(len(images) / (time.perf_counter() - start))
+    lines = [f"images/s on {len(images)} {args.speed} test images at {size} px, "
+             f"{torch.get_num_threads()} threads, median of {args.rounds} rounds:"]
+    lines += [f"  {n}: {statistics.median(r):.2f}" for n, r in rates.items()]
+    return "\n".join(lines) + "\n"
 
 
 def _cell(key: str, value: float | None) -> str:
@@ -94,7 +132,15 @@ def main() -> None:
     parser.add_argument("--categories", default=CATEGORIES)
     parser.add_argument("--backbones", default="lite0,lite2,lite0+lite2,lite1")
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--speed", metavar="CATEGORY",
+                        help="Time the fitted models of this category against each other "
+                             "(run it under flock /tmp/flawscope-bench.lock).")
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if args.speed:
+        print(speed(args), flush=True)
+        return
     if not args.table_only:
         run(args)
     text = table(args)

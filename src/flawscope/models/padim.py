@@ -43,6 +43,9 @@ _POSITIONS_PER_STEP = 256
 class PadimConfig:
     #: 256 as for patchcore: stride 4 of the first group gives 64 x 64 positions.
     image_size: int = 256
+    #: A key of flawscope.backbones.BACKBONES (efficientnet_lite0, _lite1, _lite2), or
+    #: several joined by "+" (an ensemble: each patch's features from every backbone,
+    #: concatenated; flawscope.backbones.EnsembleExtractor).
     backbone: str = "efficientnet_lite0"
     #: Block groups (strides 4, 8, 16 for EfficientNet-Lite: 24 + 40 + 112 channels).
     stages: tuple[int, ...] = (1, 2, 4)

@@ -38,7 +38,11 @@ augmented copies.
 
 Middle block groups because early ones are too generic and late ones too ImageNet-specific
 and coarse (the paper's argument); for EfficientNet-Lite that is groups 2 and 4 (stride 8 and
-16, 40 + 112 channels).
+16, 40 + 112 channels for lite0 and lite1, 48 + 120 for lite2). With several backbones
+(``backbone="efficientnet_lite0+efficientnet_lite2"``) each group's maps are concatenated
+before the neighbourhood averaging, so a patch's feature vector holds every backbone's
+(see :class:`flawscope.backbones.EnsembleExtractor` for why concatenation rather than the
+paper's averaging of per-backbone scores).
 
 The memory bank is rounded to ``bank_dtype`` (float16 by default: half the file and the
 memory, a relative change of the distances below 1e-3) at the end of fitting, so that the
@@ -109,6 +113,9 @@ class PatchCoreConfig:
     #: 256: MVTec-style defects (a thread flaw on a screw) are a few pixels wide, and at
     #: stride 8 this gives 32 x 32 patches; 224 is ~25% faster where defects are larger.
     image_size: int = 256
+    #: A key of flawscope.backbones.BACKBONES (efficientnet_lite0, _lite1, _lite2), or
+    #: several joined by "+" (an ensemble: each patch's features from every backbone,
+    #: concatenated; flawscope.backbones.EnsembleExtractor).
     backbone: str = "efficientnet_lite0"
     #: Block groups whose outputs make the patch features (see flawscope.backbones).
     stages: tuple[int, ...] = (2, 4)
