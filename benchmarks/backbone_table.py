@@ -111,17 +111,24 @@ def table(args: argparse.Namespace) -> str:
         cells = [f"{_cell('image_auroc', found[c]['image_auroc'])} / "
                  f"{_cell('pixel_aupro', found[c].get('pixel_aupro'))}"
                  if c in found else "-" for c in categories]
-        complete = len(found) == len(categories)
-        mean = {k: sum(m[k] for m in found.values()) / len(found) if complete else None
+        # Summaries over the categories every listed backbone finished, so rows compare.
+        common = [c for c in categories if all(
+            (Path(args.out) / n / "patchcore" / c / "metrics.json").is_file()
+            for n in args.backbones.split(","))]
+        rows = [found[c] for c in common]
+        mean = {k: sum(m[k] for m in rows) / len(rows) if rows else None
                 for k in ("image_auroc", "pixel_aupro", "infer_img_per_s")}
-        total_fit = sum(m["fit_s"] for m in found.values()) if complete else None
-        peak = max(m["peak_rss_mb"] for m in found.values()) if complete else None
+        total_fit = sum(m["fit_s"] for m in rows) if rows else None
+        peak = max(m["peak_rss_mb"] for m in rows) if rows else None
         lines.append(f"| {name} | " + " | ".join(cells) + " | "
                      + " | ".join([_cell("image_auroc", mean["image_auroc"]),
                                    _cell("pixel_aupro", mean["pixel_aupro"]),
                                    _cell("fit_s", total_fit),
                                    _cell("infer_img_per_s", mean["infer_img_per_s"]),
                                    _cell("peak_rss_mb", peak)]) + " |")
+    if common != categories:
+        lines.append(f"\nSummary columns over {', '.join(common)} (the categories every "
+                     "backbone finished).")
     return "\n".join(lines) + "\n"
 
 
