@@ -61,6 +61,18 @@ def test_feature_extractor_gives_the_chosen_stages_and_matches_the_classifier(no
         torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1",
+                                  "efficientnet_lite2"])
+def test_reported_channels_are_the_real_channels(name, no_network):
+    from flawscope.backbones import feature_channels
+
+    stages = tuple(range(7))
+    extractor = FeatureExtractor(name, stages=stages)
+    with torch.inference_mode():
+        feats = extractor(torch.rand(1, 3, 32, 32))
+    assert [f.shape[1] for f in feats] == extractor.channels == feature_channels(name, stages)
+
+
 def test_missing_weights_package_names_what_to_install(monkeypatch):
     real = backbones.importlib.import_module
 
@@ -79,3 +91,42 @@ def test_unknown_backbone_and_bad_stages_are_clear_errors():
         create_classifier("resnet18")
     with pytest.raises(FlawscopeError, match="stages"):
         FeatureExtractor("efficientnet_lite0", stages=(9,))
+
+
+def test_ensemble_features_are_the_members_features_concatenated(no_network):
+    from flawscope.backbones import EnsembleExtractor, create_extractor, feature_channels
+
+    names = ("efficientnet_lite0", "efficientnet_lite2")
+    ensemble = create_extractor("+".join(names), stages=(2, 4))
+    assert isinstance(ensemble, EnsembleExtractor)
+    x = chelsea_tensor(64)
+    with torch.inference_mode():
+        feats = ensemble(x)
+        singles = [FeatureExtractor(n, stages=(2, 4))(x) for n in names]
+    # lite2 is wider than lite0 (48 and 120 channels against 40 and 112)
+    assert ensemble.channels == [88, 232] == feature_channels("+".join(names), (2, 4))
+    assert ensemble.strides == [8, 16]
+    assert [tuple(f.shape) for f in feats] == [(1, 88, 8, 8), (1, 232, 4, 4)]
+    # Exactly equal: each member is the same module (same weights, same folded batch norms)
+    # run on the same input with the same kernels, so the summation order is the same;
+    # concatenation copies the values.
+    for stage, ours in enumerate(feats):
+        assert torch.equal(ours, torch.cat([s[stage] for s in singles], 1))
+    # a single name still gives the plain extractor
+    assert type(create_extractor("efficientnet_lite1", (2,))) is FeatureExtractor
+
+
+def test_unknown_backbone_in_an_ensemble_is_named():
+    from flawscope.backbones import backbone_names, create_extractor
+
+    assert backbone_names(" efficientnet_lite0+efficientnet_lite1") == (
+        "efficientnet_lite0", "efficientnet_lite1")
+    with pytest.raises(FlawscopeError, match="unknown backbone 'efficientnet_lite9' in "
+                                             "'efficientnet_lite0\\+efficientnet_lite9'"):
+        create_extractor("efficientnet_lite0+efficientnet_lite9")
+    with pytest.raises(FlawscopeError, match="unknown backbone ''"):
+        backbone_names("efficientnet_lite0+")
+    with pytest.raises(FlawscopeError, match="twice"):
+        backbone_names("efficientnet_lite0+efficientnet_lite0")
+    with pytest.raises(FlawscopeError, match="create_extractor"):
+        FeatureExtractor("efficientnet_lite0+efficientnet_lite2")

@@ -107,6 +107,9 @@ TINY = {"ae_l2": {"image_size": 64, "epochs": 1, "batches_per_epoch": 1, "batch_
         "gaussian": {"image_size": 64},
         "padim": {"image_size": 128},
         "patchcore": {"image_size": 128},
+        # two backbones: the exported graph holds both and the concatenated bank
+        "patchcore:ensemble": {"image_size": 64,
+                               "backbone": "efficientnet_lite0+efficientnet_lite2"},
         "patchcore:reweight": {"image_size": 96, "reweight": True, "coreset_ratio": 0.25},
         "simplenet": {"image_size": 64, "epochs": 1, "batches_per_epoch": 2, "batch_size": 256}}
 #: Fitted before export: the backbone models, and simplenet, whose feature standardization

