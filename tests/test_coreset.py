@@ -142,8 +142,8 @@ def test_patchcore_with_the_approx_coreset_ranks_defects_above_good_images(textu
 
 
 def test_auto_coreset_is_exact_on_small_sets_and_old_files_score_the_same(texture, tmp_path):
-    auto = fit_patchcore(texture, coreset="auto")     # 7,680 patches: exact
-    exact = fit_patchcore(texture)                    # the default
+    auto = fit_patchcore(texture)                     # the default, auto: 7,680 patches: exact
+    exact = fit_patchcore(texture, coreset="exact")
     assert torch.equal(auto.memory_bank, exact.memory_bank)
     # A model saved before the coreset setting existed has no "coreset" in its manifest.
     save_model(exact, tmp_path / "m")

@@ -92,7 +92,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..backbones import STAGE_CHANNELS, FeatureExtractor
+from ..backbones import STAGE_CHANNELS, create_extractor, feature_channels
 from ..errors import FlawscopeError
 from ..trainloop import TrainLoop
 from . import register
@@ -245,23 +245,24 @@ class SimpleNetModel(AnomalyModel):
         if not c.stages or any(not 0 <= int(s) < len(STAGE_CHANNELS) for s in c.stages):
             raise FlawscopeError(f"stages {tuple(c.stages)}: choose block groups among "
                                  f"0..{len(STAGE_CHANNELS) - 1}")
-        channels = sum(STAGE_CHANNELS[int(s)] for s in c.stages)
+        # The backbone's real widths (lite2 is wider than lite0; an ensemble adds them up).
+        channels = sum(feature_channels(c.backbone, tuple(int(s) for s in c.stages)))
         hidden = int(c.hidden) if int(c.hidden) > 0 else max(1, round(channels * 2 / 3))
         # Initial weights depend on the seed only, without touching the global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(c.seed))
             self.head = SimpleNetHead(channels, hidden)
         self.head.eval()
-        self._extractor: FeatureExtractor | None = None
+        self._extractor: torch.nn.Module | None = None
         self.fitted = False
         #: Per-epoch mean training losses of the last fit: [{"epoch": 1, "loss": ...}, ...].
         self.history: list[dict[str, float]] = []
 
     # ----------------------------------------------------------------- features
     @property
-    def extractor(self) -> FeatureExtractor:
+    def extractor(self) -> torch.nn.Module:
         if self._extractor is None:
-            self._extractor = FeatureExtractor(self.config.backbone, tuple(self.config.stages),
+            self._extractor = create_extractor(self.config.backbone, tuple(self.config.stages),
                                                channels_last=self.config.channels_last)
         return self._extractor
 
