@@ -1,4 +1,4 @@
-"""Conv autoencoders, L2 / SSIM loss (Bergmann 2019); preset fast: 1-3 min on 2 CPU cores.
+"""Conv autoencoders, L2 / SSIM loss (Bergmann 2019); preset fast: 5-30 s on 2 CPU cores.
 
 ``ae_l2`` and ``ae_ssim`` are the seed's reconstruction models.
 
@@ -19,6 +19,14 @@ in what "different" means:
 The image score reduces the map (``score_reduction``): ``max`` (default; one bad spot makes a
 bad part), ``mean`` (whole-image drift), or ``topk`` (mean of the ``score_topk`` fraction of
 hottest pixels: a max that one noisy pixel cannot dominate).
+
+``map_normalization="good_pixels"`` standardizes the (smoothed) map per pixel before the
+reduction: ``(map - mean_good) / (std_good + eps)`` with the statistics of the good training
+images' maps, computed once after training and saved with the weights
+(:mod:`flawscope.models._mapnorm`). On an aligned part the residual of good images is largest
+on the rim and machining marks that the network never reproduces; standardized, a pixel
+scores by how unusual its residual is *for that place on the part*. Off (``none``) in the
+``paper`` presets, as in the paper.
 
 **Network** (Bergmann et al. 2019, Table 1), for a 128 x 128 input; every layer but the last
 is followed by a LeakyReLU(0.2), no normalization layers::
@@ -55,10 +63,10 @@ Assumptions where the paper is silent or differs from the seed:
   epoch); a fixed number makes the ``fast`` preset cost the same on 37 images as on 700.
 
 **Presets.** ``paper``: the seed's settings (256 px, latent 1024, 300 epochs, batch 70, Adam
-lr 1e-3, random horizontal flip). ``fast`` (the default) of ``ae_l2``: the paper's 128 px
-network, 256 batches of 16, 1-3 minutes on 2 CPU cores: enough for coarse reconstructions,
-not for fine detail. ``fast`` of ``ae_ssim``: 32 px, 480 batches of 16, about 30 s on 2 CPU
-cores (the measurement is at :data:`SSIM_FAST`).
+lr 1e-3, random horizontal flip). ``fast`` (the default) of ``ae_l2``: 32 px, 240 batches of
+16, map standardized per pixel by the good images, about 5 s on 2 CPU cores
+(:data:`L2_FAST` has the measurements). ``fast`` of ``ae_ssim``: 32 px, 480 batches of 16,
+raw SSIM map, about 30 s on 2 CPU cores (:data:`SSIM_FAST`).
 
 **Training** runs in the shared loop of :mod:`flawscope.trainloop`. It draws every random
 number (image order, flips) from one generator seeded by ``seed``; initial weights come from
