@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .errors import ModelFileError
+from .errors import FlawscopeError, ModelFileError
 from .models import AnomalyModel, get_model_class
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,12 @@ def load_model(directory: str | Path) -> tuple[AnomalyModel, dict[str, Any]]:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise ModelFileError(f"{weights}: unreadable weights ({exc})") from None
-    model.load_state_tensors(tensors)
+    try:
+        model.load_state_tensors(tensors)
+    except ModelFileError:
+        raise
+    except FlawscopeError as exc:
+        raise ModelFileError(f"{weights}: {exc}") from None
     model.load_extra_state(manifest.get("extra_state", {}))
     return model, manifest
 

@@ -1,4 +1,4 @@
-"""Conv autoencoders, L2 / SSIM loss (Bergmann 2019); preset fast: 1-3 min on 2 CPU cores.
+"""Conv autoencoders, L2 / SSIM loss (Bergmann 2019); preset fast: 5-30 s on 2 CPU cores.
 
 ``ae_l2`` and ``ae_ssim`` are the seed's reconstruction models.
 
@@ -19,6 +19,14 @@ in what "different" means:
 The image score reduces the map (``score_reduction``): ``max`` (default; one bad spot makes a
 bad part), ``mean`` (whole-image drift), or ``topk`` (mean of the ``score_topk`` fraction of
 hottest pixels: a max that one noisy pixel cannot dominate).
+
+``map_normalization="good_pixels"`` standardizes the (smoothed) map per pixel before the
+reduction: ``(map - mean_good) / (std_good + eps)`` with the statistics of the good training
+images' maps, computed once after training and saved with the weights
+(:mod:`flawscope.models._mapnorm`). On an aligned part the residual of good images is largest
+on the rim and machining marks that the network never reproduces; standardized, a pixel
+scores by how unusual its residual is *for that place on the part*. Off (``none``) in the
+``paper`` presets, as in the paper.
 
 **Network** (Bergmann et al. 2019, Table 1), for a 128 x 128 input; every layer but the last
 is followed by a LeakyReLU(0.2), no normalization layers::
@@ -55,10 +63,10 @@ Assumptions where the paper is silent or differs from the seed:
   epoch); a fixed number makes the ``fast`` preset cost the same on 37 images as on 700.
 
 **Presets.** ``paper``: the seed's settings (256 px, latent 1024, 300 epochs, batch 70, Adam
-lr 1e-3, random horizontal flip). ``fast`` (the default) of ``ae_l2``: the paper's 128 px
-network, 256 batches of 16, 1-3 minutes on 2 CPU cores: enough for coarse reconstructions,
-not for fine detail. ``fast`` of ``ae_ssim``: 32 px, 480 batches of 16, about 30 s on 2 CPU
-cores (the measurement is at :data:`SSIM_FAST`).
+lr 1e-3, random horizontal flip). ``fast`` (the default) of ``ae_l2``: 32 px, 240 batches of
+16, map standardized per pixel by the good images, about 5 s on 2 CPU cores
+(:data:`L2_FAST` has the measurements). ``fast`` of ``ae_ssim``: 32 px, 480 batches of 16,
+raw SSIM map, about 30 s on 2 CPU cores (:data:`SSIM_FAST`).
 
 **Training** runs in the shared loop of :mod:`flawscope.trainloop`. It draws every random
 number (image order, flips) from one generator seeded by ``seed``; initial weights come from
@@ -101,6 +109,7 @@ from ..ssim import gaussian_window, separable_blur, ssim_map
 from ..trainfiles import tile, to_uint8, write_csv
 from ..trainloop import GPU_CHECKPOINT_EVERY_S, TrainLoop, training_device
 from . import register
+from ._mapnorm import GoodPixelNorm, check_map_normalization
 from .base import AnomalyModel, ScoreBatchModule
 
 log = logging.getLogger(__name__)
@@ -108,6 +117,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 #: Settings that may change between an interrupted fit and its resumption.
 _RESUMABLE_CHANGES = {"epochs", "picture_every", "device"}
+#: Settings read after training only, left out of the checkpoint's fingerprint (so
+#: checkpoints written before the setting existed still resume).
+_AFTER_TRAINING = {"map_normalization"}
 SCORE_REDUCTIONS = ("max", "mean", "topk")
 #: Training images shown in reconstructions.png.
 N_PICTURE_IMAGES = 6
@@ -135,6 +147,10 @@ class AEConfig:
     score_reduction: str = "max"
     #: Fraction of pixels averaged by ``score_reduction=topk``.
     score_topk: float = 0.01
+    #: ``good_pixels``: standardize the (smoothed) map per pixel by the mean and standard
+    #: deviation of the good training images' maps, computed after training
+    #: (:mod:`flawscope.models._mapnorm`); ``none``: the raw map (the paper).
+    map_normalization: str = "none"
     #: Train under bfloat16 autocast. Off: slower on CPUs without bf16 units.
     bf16: bool = False
     #: Where training runs: ``auto`` (a CUDA GPU when PyTorch sees one, else the CPU),
@@ -238,6 +254,7 @@ class _Autoencoder(AnomalyModel):
                                  f"{', '.join(SCORE_REDUCTIONS)}")
         if not 0 < c.score_topk <= 1:
             raise FlawscopeError(f"score_topk={c.score_topk}: must be in (0, 1]")
+        check_map_normalization(c.map_normalization)
         for key in ("epochs", "batch_size", "latent_dim"):
             if int(getattr(c, key)) < 1:
                 raise FlawscopeError(f"{key}={getattr(c, key)}: must be at least 1")
@@ -246,6 +263,9 @@ class _Autoencoder(AnomalyModel):
             torch.manual_seed(c.seed)
             self.net = ConvAutoencoder(c.image_size, c.latent_dim)
         self.net.eval()
+        #: Per-pixel statistics of good maps (``map_normalization=good_pixels``), else None.
+        self.map_norm = (GoodPixelNorm(c.image_size) if c.map_normalization == "good_pixels"
+                         else None)
         #: Per-epoch mean training loss of the last fit: [{"epoch": 1, "loss": ...}, ...].
         self.history: list[dict[str, float]] = []
 
@@ -264,6 +284,11 @@ class _Autoencoder(AnomalyModel):
         return self.net(images * 2 - 1) * 0.5 + 0.5
 
     def anomaly_map(self, images: torch.Tensor, rec01: torch.Tensor) -> torch.Tensor:
+        maps = self._smoothed_map(images, rec01)
+        return self.map_norm(maps) if self.map_norm is not None else maps
+
+    def _smoothed_map(self, images: torch.Tensor, rec01: torch.Tensor) -> torch.Tensor:
+        """The raw map after the Gaussian smoothing, before any normalization."""
         maps = self.raw_map(images, rec01)
         sigma = float(self.config.smooth_sigma)
         if sigma > 0:
@@ -289,11 +314,16 @@ class _Autoencoder(AnomalyModel):
 
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"net.{k}": v for k, v in self.net.state_dict().items()}
+        tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
+        if self.map_norm is not None:
+            tensors.update(self.map_norm.state_tensors())
+        return tensors
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         self.net.eval()
+        if self.map_norm is not None:
+            self.map_norm.load_state_tensors(tensors)
 
     # ------------------------------------------------------------------ training
     def fit(self, images: torch.utils.data.Dataset, workdir: Path | None = None) -> None:
@@ -301,12 +331,26 @@ class _Autoencoder(AnomalyModel):
         workdir = Path(workdir) if workdir is not None else None
         if workdir is not None:
             workdir.mkdir(parents=True, exist_ok=True)
+        if self.map_norm is not None:  # training pictures show the raw map
+            self.map_norm = GoodPixelNorm(self.image_size)
         try:
             self._train(data, workdir)
         finally:
             self.net.eval()
+        if self.map_norm is not None:
+            self.map_norm.fit(self._good_maps(data))
         if workdir is not None:
             self._pictures(data, workdir)
+
+    @torch.no_grad()
+    def _good_maps(self, data: torch.Tensor) -> torch.Tensor:
+        """Smoothed, unnormalized maps ``(N, S, S)`` of the uint8 training images."""
+        self.net.eval()
+        maps = []
+        for i in range(0, len(data), 32):
+            x = data[i:i + 32].float() / 255
+            maps.append(self._smoothed_map(x, self._reconstruct01(x)))
+        return torch.cat(maps)
 
     def _load_images(self, images: torch.utils.data.Dataset) -> torch.Tensor:
         """All training images as one uint8 (N, 3, S, S) tensor, decoded once."""
@@ -327,7 +371,7 @@ class _Autoencoder(AnomalyModel):
     def _fingerprint(self, data: torch.Tensor) -> str:
         """Settings + images, so a checkpoint is only resumed by the same fit."""
         settings = {k: v for k, v in dataclasses.asdict(self.config).items()
-                    if k not in _RESUMABLE_CHANGES}
+                    if k not in _RESUMABLE_CHANGES and k not in _AFTER_TRAINING}
         digest = hashlib.sha256(data.numpy().tobytes()).hexdigest()
         return f"{self.name} {json.dumps(settings, sort_keys=True)} data={digest}"
 
@@ -432,6 +476,21 @@ class _Autoencoder(AnomalyModel):
     loss_name: ClassVar[str] = ""
 
 
+#: ``ae_l2``'s fast preset. Image AUROC on the default ``flawscope synth`` synthetic_object
+#: (128 px), data seeds 0-4 x training seeds 0-1 (benchmarks/fast_presets.py and the same
+#: fits re-scored, AMD EPYC, 2 threads), mean / worst of the 10 runs:
+#: - 128 px, 16 epochs of 16 batches, smoothing 2 px (the former preset): max 0.657 / 0.52,
+#:   topk 0.691, mean 0.705 (fits of 1-3 min); 64 epochs, topk: 0.738;
+#: - 32 px, 16 epochs of 15 batches, raw map: smoothing 2 px 0.647 / 0.469, none 0.598 / 0.439;
+#: - the same fits, map standardized per pixel by the good training images
+#:   (``map_normalization=good_pixels``), no smoothing: max 0.873 / 0.729, topk 1 % 0.830 /
+#:   0.688; smoothing 1 px (at 32 px) 0.825 / 0.698: this preset, fits of 5 s.
+#: The residual of good images is largest on the part's rim and marks, which the small
+#: network never reproduces; per-pixel standardization discounts exactly those places.
+L2_FAST = {"image_size": 32, "latent_dim": 100, "epochs": 16, "batch_size": 16,
+           "batches_per_epoch": 15, "smooth_sigma": 0.0, "map_normalization": "good_pixels"}
+
+
 @register
 class L2Autoencoder(_Autoencoder):
     """Convolutional autoencoder trained with the per-pixel squared error."""
@@ -442,9 +501,7 @@ class L2Autoencoder(_Autoencoder):
     presets = {
         # The seed: 256 px, latent 1024, 300 epochs of batch 70, Adam 1e-3, horizontal flip.
         "paper": {},
-        # The paper's 128 px network; 256 batches of 16 = 1-3 minutes on 2 idle CPU cores.
-        "fast": {"image_size": 128, "latent_dim": 100, "epochs": 16, "batch_size": 16,
-                 "batches_per_epoch": 16},
+        "fast": L2_FAST,
     }
 
     def loss(self, x01: torch.Tensor, rec01: torch.Tensor) -> torch.Tensor:
