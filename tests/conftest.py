@@ -33,6 +33,26 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def fast_preset_auroc(root: Path, model: str, data_seed: int, train_seed: int = 0) -> float:
+    """Image AUROC of ``model``'s ``fast`` preset as shipped, fitted with 2 threads (the
+    presets' measured setting) on the default ``flawscope synth`` synthetic_object of
+    ``data_seed`` (written under ``root``): one run of ``benchmarks/fast_presets.py``."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from flawscope.data import ImageDataset, open_category
+    from flawscope.models import get_model_class
+
+    generate(root / str(data_seed), SynthSpec(seed=data_seed), categories=("synthetic_object",))
+    category = open_category(root / str(data_seed) / "synthetic_object")
+    fitted = get_model_class(model).from_settings("fast", {"seed": train_seed})
+    with torch_threads(2):
+        fitted.fit(ImageDataset(category.train, fitted.image_size))
+    images = torch.stack([ImageDataset([t.path], fitted.image_size)[0] for t in category.test])
+    labels = np.array([t.is_anomalous for t in category.test])
+    return float(roc_auc_score(labels, fitted.score_tensor(images)[0].numpy()))
+
+
 def shared_category(*parts: str) -> Path:
     """A category of ../shared/datasets, or skip the test where that folder is absent."""
     path = SHARED_DATASETS.joinpath(*parts)

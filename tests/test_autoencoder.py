@@ -10,7 +10,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import torch_threads
+from conftest import fast_preset_auroc
 from sklearn.metrics import roc_auc_score
 
 from flawscope.data import ImageDataset, open_category
@@ -300,17 +300,7 @@ def test_ssim_fast_preset_detects_on_the_default_synthetic_object(tmp_path):
     two of the ten (data seed, training seed) runs it was chosen on: measured 0.906 and 0.927
     (AMD EPYC, 2 threads); over all ten runs 0.878 on average and 0.823 at worst (see
     ``SSIM_FAST``). The bars are the preset's targets: 0.85 on average, 0.80 in every run."""
-    aurocs = []
-    for data_seed in (3, 4):
-        generate(tmp_path / str(data_seed), SynthSpec(seed=data_seed),
-                 categories=("synthetic_object",))
-        category = open_category(tmp_path / str(data_seed) / "synthetic_object")
-        model = get_model_class("ae_ssim").from_settings("fast", {"seed": 0})
-        with torch_threads(2):  # the preset's measured setting (the module runs at 1)
-            model.fit(ImageDataset(category.train, model.image_size))
-        images = torch.stack([ImageDataset([t.path], model.image_size)[0] for t in category.test])
-        labels = np.array([t.is_anomalous for t in category.test])
-        aurocs.append(roc_auc_score(labels, model.score_tensor(images)[0].numpy()))
+    aurocs = [fast_preset_auroc(tmp_path, "ae_ssim", data_seed) for data_seed in (3, 4)]
     assert min(aurocs) >= 0.80 and float(np.mean(aurocs)) >= 0.85, aurocs
 
 
@@ -322,15 +312,5 @@ def test_l2_fast_preset_detects_on_the_default_synthetic_object(tmp_path):
     2 threads, fits of 5 s); over all ten runs 0.873 on average and 0.729 at worst (see
     ``L2_FAST``; the raw map scored 0.598 / 0.439 on the same fits). The bars leave 0.1 for
     another CPU's rounding and sit above the preset's target of 0.75 on average."""
-    aurocs = []
-    for data_seed in (0, 3):
-        generate(tmp_path / str(data_seed), SynthSpec(seed=data_seed),
-                 categories=("synthetic_object",))
-        category = open_category(tmp_path / str(data_seed) / "synthetic_object")
-        model = get_model_class("ae_l2").from_settings("fast", {"seed": 0})
-        with torch_threads(2):  # the preset's measured setting (the module runs at 1)
-            model.fit(ImageDataset(category.train, model.image_size))
-        images = torch.stack([ImageDataset([t.path], model.image_size)[0] for t in category.test])
-        labels = np.array([t.is_anomalous for t in category.test])
-        aurocs.append(roc_auc_score(labels, model.score_tensor(images)[0].numpy()))
+    aurocs = [fast_preset_auroc(tmp_path, "ae_l2", data_seed) for data_seed in (0, 3)]
     assert min(aurocs) >= 0.80 and float(np.mean(aurocs)) >= 0.82, aurocs

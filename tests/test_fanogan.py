@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import torch_threads
+from conftest import fast_preset_auroc
 from sklearn.metrics import roc_auc_score
 
 from flawscope.data import ImageDataset, TestDataset, open_category
@@ -281,12 +281,5 @@ def test_fast_preset_detects_on_the_default_synthetic_object(tmp_path):
     0.931 (AMD EPYC, 2 threads; the paper's score A_R + kappa·A_D scored 0.743 on that fit).
     Over all ten runs 0.935 on average and 0.861 at worst; the bar leaves 0.13 for another
     CPU's rounding and sits above the preset's target of 0.75."""
-    generate(tmp_path, SynthSpec(seed=1), categories=("synthetic_object",))
-    category = open_category(tmp_path / "synthetic_object")
-    model = FAnoGANModel.from_settings("fast", {"seed": 0})
-    with torch_threads(2):  # the preset's measured setting
-        model.fit(ImageDataset(category.train, model.image_size))
-    images = torch.stack([ImageDataset([t.path], model.image_size)[0] for t in category.test])
-    labels = np.array([t.is_anomalous for t in category.test])
-    auroc = roc_auc_score(labels, model.score_batch(images)[0].numpy())
+    auroc = fast_preset_auroc(tmp_path, "fanogan", data_seed=1)
     assert auroc >= 0.80, auroc

@@ -1,4 +1,4 @@
-"""Anomaly-map helpers shared by the feature-based models (private: not a model module)."""
+"""Anomaly-map helpers shared by the models (private: not a model module)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ..ssim import gaussian_window, separable_blur
+
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
     """Normalized 1-D Gaussian of radius ``int(4 sigma + 0.5)`` (the usual truncation)."""
@@ -14,6 +16,15 @@ def gaussian_kernel1d(sigma: float) -> torch.Tensor:
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     return kernel / kernel.sum()
+
+
+def smooth_maps(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``(B, h, w)`` maps blurred by a Gaussian of ``sigma`` pixels, radius ``int(4 sigma +
+    0.5)`` (the reconstruction models' map smoothing); unchanged for ``sigma <= 0``."""
+    if sigma <= 0:
+        return maps
+    size = 2 * int(4 * sigma + 0.5) + 1
+    return separable_blur(maps[:, None], gaussian_window(size, sigma))[:, 0]
 
 
 def upsample_and_smooth(maps: torch.Tensor, size: int, sigma: float) -> torch.Tensor:

@@ -105,11 +105,12 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from ..errors import FlawscopeError
-from ..ssim import gaussian_window, separable_blur, ssim_map
+from ..ssim import ssim_map
 from ..trainfiles import tile, to_uint8, write_csv
 from ..trainloop import GPU_CHECKPOINT_EVERY_S, TrainLoop, training_device
 from . import register
 from ._mapnorm import GoodPixelNorm, check_map_normalization
+from ._maps import smooth_maps
 from .base import AnomalyModel, ScoreBatchModule
 
 log = logging.getLogger(__name__)
@@ -289,12 +290,7 @@ class _Autoencoder(AnomalyModel):
 
     def _smoothed_map(self, images: torch.Tensor, rec01: torch.Tensor) -> torch.Tensor:
         """The raw map after the Gaussian smoothing, before any normalization."""
-        maps = self.raw_map(images, rec01)
-        sigma = float(self.config.smooth_sigma)
-        if sigma > 0:
-            size = 2 * int(4 * sigma + 0.5) + 1
-            maps = separable_blur(maps[:, None], gaussian_window(size, sigma))[:, 0]
-        return maps
+        return smooth_maps(self.raw_map(images, rec01), float(self.config.smooth_sigma))
 
     @torch.no_grad()
     def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,11 +61,11 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from ..errors import FlawscopeError
-from ..ssim import gaussian_window, separable_blur
 from ..trainfiles import tile, to_uint8
 from ..trainloop import GPU_CHECKPOINT_EVERY_S, TrainLoop, training_device
 from . import register
 from ._mapnorm import GoodPixelNorm, check_map_normalization
+from ._maps import smooth_maps
 from .autoencoder import SCORE_REDUCTIONS, reduce_map
 from .base import AnomalyModel, ScoreBatchModule
 
@@ -304,12 +304,7 @@ class FAnoGANModel(AnomalyModel):
 
     def _residual_map(self, x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
         """|x - G(E(x))| in [0, 1] intensity units, channel mean, smoothed if asked."""
-        maps = (x - rec).abs().mean(1) / 2
-        sigma = float(self.config.smooth_sigma)
-        if sigma > 0:
-            size = 2 * int(4 * sigma + 0.5) + 1
-            maps = separable_blur(maps[:, None], gaussian_window(size, sigma))[:, 0]
-        return maps
+        return smooth_maps((x - rec).abs().mean(1) / 2, float(self.config.smooth_sigma))
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
