@@ -11,7 +11,15 @@ Every fit runs in a fresh process (its peak resident memory is that process's ru
 ``--threads`` PyTorch threads. ``features`` is the time spent in the backbone, ``coreset`` the
 rest of the fit (selection, plus copies and the neighbour-search index of the bank). An exact
 fit whose predicted time (quadratic in the patch count, from the largest exact fit measured)
-exceeds ``--exact-limit`` seconds is skipped and its prediction printed instead.
+exceeds ``--exact-limit`` seconds is skipped and its prediction printed instead, unless
+``--exact-budget`` is given: then the exact fit runs for that many seconds of greedy
+selection and stops, and the line reports how many of its points it had chosen by then
+(``selected`` of ``n_select``), the seconds at which each tenth of them was reached, and the
+peak memory so far. The feature matrix, its projection and the selection's arrays are all
+allocated before the first point is chosen, so that peak is the fit's up to the final bank
+copy (10% of the rows). The selection gets cheaper per point as it goes (more blocks of
+points are skipped by the triangle inequality), so the projection ``if_latest_pace_s`` (the
+remaining points at the pace of the last tenth of the budget) is an upper estimate.
 
 Usage (one line per fit, as JSON, to stdout and to --out)::
 
@@ -62,8 +70,46 @@ class AugmentedImages(torch.utils.data.Dataset):
         return image_to_tensor(im.crop((x, y, x + cw, y + ch)), self.size)
 
 
-def fit_once(data: Path, n: int, coreset: str, threads: int) -> dict:
+class _OutOfBudget(Exception):
+    """Raised inside the greedy selection when ``--exact-budget`` seconds are spent."""
+
+
+def budget_bar(budget_s: float, record: dict) -> type:
+    """A stand-in for the selection's tqdm bar that records progress and stops the fit after
+    ``budget_s`` seconds of selection."""
+
+    class BudgetBar:
+        def __init__(self, total: int, **_):
+            self.n, self.total, self.start = 0, total, time.perf_counter()
+            self.pace: list[tuple[float, int]] = []
+            record.update(n_select=total, tenths_s=[])
+
+        def update(self, k: int = 1) -> None:
+            self.n += k
+            if self.n % 256:
+                return
+            elapsed = time.perf_counter() - self.start
+            self.pace.append((elapsed, self.n))
+            while len(record["tenths_s"]) < 10 and \
+                    self.n >= (len(record["tenths_s"]) + 1) * self.total / 10:
+                record["tenths_s"].append(round(elapsed, 1))
+            if elapsed > budget_s:
+                t0, n0 = next(p for p in self.pace if p[0] >= 0.9 * elapsed)
+                rate = (self.n - n0) / (elapsed - t0) if self.n > n0 else self.n / elapsed
+                record.update(selected=self.n, selection_s=round(elapsed, 1),
+                              if_latest_pace_s=round(elapsed + (self.total - self.n) / rate))
+                raise _OutOfBudget
+
+        def close(self) -> None:
+            pass
+
+    return BudgetBar
+
+
+def fit_once(data: Path, n: int, coreset: str, threads: int,
+             exact_budget: float | None = None) -> dict:
     """One fit in this process; returns its timings."""
+    import flawscope.coreset
     from flawscope.models import get_model_class
 
     torch.set_num_threads(threads)
@@ -79,20 +125,31 @@ def fit_once(data: Path, n: int, coreset: str, threads: int) -> dict:
         return out
 
     model.embed = timed_embed
+    budget: dict = {}
+    if exact_budget is not None:
+        flawscope.coreset.tqdm = budget_bar(exact_budget, budget)
     cpu, start = time.process_time(), time.perf_counter()
-    model.fit(images)
+    try:
+        model.fit(images)
+    except _OutOfBudget:
+        return {"images": n, "coreset": coreset, "threads": threads, "stopped": True,
+                "budget_s": exact_budget, "features_s": round(spent[0], 1),
+                "until_stop_s": round(time.perf_counter() - start, 1), **budget}
     wall = time.perf_counter() - start
     return {"images": n, "coreset": coreset, "threads": threads, "fit_s": round(wall, 1),
             "cpu_s": round(time.process_time() - cpu, 1), "features_s": round(spent[0], 1),
             "coreset_s": round(wall - spent[0], 1), "bank": len(model.memory_bank)}
 
 
-def run_child(data: Path, n: int, coreset: str, threads: int) -> dict:
+def run_child(data: Path, n: int, coreset: str, threads: int,
+              exact_budget: float | None = None) -> dict:
     """``fit_once`` in a fresh process; adds its peak resident memory."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    budget = ["--exact-budget", str(exact_budget)] if exact_budget is not None else []
     proc = subprocess.Popen([sys.executable, __file__, "--child", "--data", str(data),
                              "--sizes", str(n), "--coreset", coreset,
-                             "--threads", str(threads)], stdout=subprocess.PIPE, env=env)
+                             "--threads", str(threads), *budget],
+                            stdout=subprocess.PIPE, env=env)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
@@ -119,22 +176,28 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--exact-limit", type=float, default=1200,
                         help="skip an exact fit predicted to take longer (s)")
+    parser.add_argument("--exact-budget", type=float,
+                        help="run exact fits for this many seconds of selection, then stop "
+                             "and report their progress (see above)")
     parser.add_argument("--out", type=Path, help="append one JSON line per fit here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(fit_once(args.data, int(args.sizes), args.coreset, args.threads)))
+        print(json.dumps(fit_once(args.data, int(args.sizes), args.coreset, args.threads,
+                                  args.exact_budget if args.coreset == "exact" else None)))
         return
     measured_exact: dict | None = None
     for n in (int(s) for s in args.sizes.split(",")):
         for coreset in args.coreset.split(","):
             predicted = predict_exact(measured_exact, n) if coreset == "exact" else None
-            if predicted is not None and predicted > args.exact_limit:
+            if predicted is not None and predicted > args.exact_limit and \
+                    args.exact_budget is None:
                 result = {"images": n, "coreset": "exact", "skipped": True,
                           "predicted_fit_s": round(predicted)}
             else:
-                result = run_child(args.data, n, coreset, args.threads)
-                if coreset == "exact":
+                result = run_child(args.data, n, coreset, args.threads,
+                                   args.exact_budget)
+                if coreset == "exact" and not result.get("stopped"):
                     measured_exact = result
             print(json.dumps(result), flush=True)
             if args.out:
