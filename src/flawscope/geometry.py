@@ -12,12 +12,13 @@ A :class:`Geometry`, saved in the model's manifest, says how an image is brought
   else longer side = ``max_side``) cut into ``S x S`` tiles that overlap by ``overlap``.
 
 ``keep_aspect`` and ``tile`` are the same machinery with different working sizes. Every model
-keeps seeing ``S x S`` tensors, so every model (PaDiM's per-position statistics included) and
-every exported ONNX graph works unchanged (except PaDiM with statistics per tile position,
-below, which needs each tile's place and is not exported); no model gets non-square tensors,
-whose batching would need grouping by size. Along a side shorter than ``S`` the image is
-padded to ``S`` by mirroring its own content (``numpy.pad(mode="symmetric")``): a mirrored part looks like a
-part to a feature model, where a constant border would be an edge it never saw in training.
+keeps seeing ``S x S`` tensors, so every model (PaDiM's per-patch-position statistics
+included) and every exported ONNX graph works unchanged (except PaDiM with statistics per
+tile position, below, which needs each tile's place and is not exported); no model gets
+non-square tensors, whose batching would need grouping by size. Along a side shorter than
+``S`` the image is padded to ``S`` by mirroring its own content
+(``numpy.pad(mode="symmetric")``): a mirrored part looks like a part to a feature model,
+where a constant border would be an edge it never saw in training.
 The padded pixels are cut off every tile's map before stitching, so padding can never score.
 
 Stitching: each tile's map is weighted by a window that is 1 in its interior and ramps down
