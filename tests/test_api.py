@@ -141,8 +141,11 @@ def test_a_constant_scoring_model_is_never_returned(synth_root, monkeypatch):
 
 
 def test_native_evaluation_agrees_with_the_exact_computation(detector, synth_root):
-    """The streamed metrics at each mask's own size, against the exact ones on the same maps
-    (resized to the image's size by the same function)."""
+    """The streamed metrics at each mask's own size, against the exact ones and MVTec AD's
+    official AU-PRO procedure on the same maps (resized to the image's size by the same
+    function)."""
+    from test_pixelmetrics import official_aupro
+
     from flawscope.data import open_category, read_image, read_mask
     from flawscope.metrics import aupro, pixel_auroc
 
@@ -158,6 +161,7 @@ def test_native_evaluation_agrees_with_the_exact_computation(detector, synth_roo
     # (the detector's maps are the same function's output, batched differently).
     assert abs(evaluation.metrics["pixel_auroc"] - exact_auroc) <= 1e-4
     assert abs(evaluation.metrics["pixel_aupro"] - exact_pro) <= 1e-4
+    assert abs(evaluation.metrics["pixel_aupro"] - official_aupro(maps, masks)) <= 1e-4
     assert evaluation.metrics["pixel_auroc_max_error"] <= 1e-4
 
 

@@ -44,6 +44,10 @@ class GreyModel:
         maps = images.mean(1)
         return maps.flatten(1).amax(1), maps
 
+    def score_tiles(self, tiles, grid, positions, engine=None):
+        assert len(positions) == len(tiles) and int(positions[-1]) < len(grid.starts)
+        return self.score_tensor(tiles, engine)
+
 
 def _random_image(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)

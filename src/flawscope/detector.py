@@ -38,7 +38,7 @@ from PIL import Image
 from . import visualize
 from .data import DEFAULT_MAX_PIXELS, MIN_SIDE, as_image
 from .errors import FlawscopeError, ModelFileError
-from .geometry import Geometry, score_images
+from .geometry import Geometry, check_grid, score_images
 from .modelfile import load_model, save_model
 from .models import AnomalyModel
 from .models.base import resize_maps
@@ -236,7 +236,9 @@ class Detector:
         for item in images:
             source = _describe(item)
             try:
-                pending.append((source, as_image(item, self.max_pixels, self.min_side), None))
+                image = as_image(item, self.max_pixels, self.min_side)
+                check_grid(self.model, self.geometry, image.width, image.height, source)
+                pending.append((source, image, None))
             except FlawscopeError as exc:
                 if on_error == "raise":
                     yield from self._score_pending(pending, keep_images)  # the inputs before it

@@ -223,7 +223,11 @@ def open_engine(model: AnomalyModel, model_dir: Path | None, name: str = "auto",
     engine = _open_engine(model, model_dir, name, threads)
     if warm_up:
         size = model.image_size
-        engine(torch.zeros(1, 3, size, size))
+        blank = torch.zeros(1, 3, size, size)
+        if model.tile_grid is None:
+            engine(blank)
+        else:  # statistics per tile position: a tile needs its place in the grid
+            model.score_tiles(blank, model.tile_grid, torch.zeros(1, dtype=torch.long), engine)
     return engine
 
 

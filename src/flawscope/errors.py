@@ -16,3 +16,8 @@ class DataError(FlawscopeError):
 
 class ModelFileError(FlawscopeError):
     """A saved model directory is missing, corrupt, tampered with or too new."""
+
+
+class TileGridError(DataError):
+    """An image's tiles lie elsewhere than those a model with statistics per tile position
+    was fitted on (a different working size: another pose, crop or camera)."""

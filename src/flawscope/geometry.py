@@ -12,11 +12,13 @@ A :class:`Geometry`, saved in the model's manifest, says how an image is brought
   else longer side = ``max_side``) cut into ``S x S`` tiles that overlap by ``overlap``.
 
 ``keep_aspect`` and ``tile`` are the same machinery with different working sizes. Every model
-keeps seeing ``S x S`` tensors, so every model (PaDiM's per-position statistics included) and
-every exported ONNX graph works unchanged; no model gets non-square tensors, whose batching
-would need grouping by size. Along a side shorter than ``S`` the image is padded to ``S`` by
-mirroring its own content (``numpy.pad(mode="symmetric")``): a mirrored part looks like a
-part to a feature model, where a constant border would be an edge it never saw in training.
+keeps seeing ``S x S`` tensors, so every model (PaDiM's per-patch-position statistics
+included) and every exported ONNX graph works unchanged (except PaDiM with statistics per
+tile position, below, which needs each tile's place and is not exported); no model gets
+non-square tensors, whose batching would need grouping by size. Along a side shorter than
+``S`` the image is padded to ``S`` by mirroring its own content
+(``numpy.pad(mode="symmetric")``): a mirrored part looks like a part to a feature model,
+where a constant border would be an edge it never saw in training.
 The padded pixels are cut off every tile's map before stitching, so padding can never score.
 
 Stitching: each tile's map is weighted by a window that is 1 in its interior and ramps down
@@ -39,9 +41,14 @@ the tile maximum is exactly the image maximum; tested).
 
 Fitting in tiled modes runs the model on the tiles of the good images, as if each tile were
 an image: PatchCore gets one memory bank over all tiles (the coreset ratio applies to that
-larger bank); PaDiM's Gaussian at a position is shared by the same position of every tile,
-which suits unaligned parts (a tile may show any part of the object) but does not model where
-in the image a tile lies.
+larger bank); PaDiM's Gaussian at a position is by default shared by the same position of
+every tile, which suits unaligned parts (a tile may show any part of the object) but does not
+model where in the image a tile lies. A model may instead keep statistics per tile position
+(PaDiM's ``tile_statistics="per_position"``, for aligned parts): the training set is then a
+:class:`TileDataset`, which says where each tile lies (:attr:`TileDataset.positions`,
+:meth:`TileDataset.common_grid`), and scoring passes each tile's place in the image's
+:class:`TileGrid` to :meth:`~flawscope.models.base.AnomalyModel.score_tiles`, which every
+model has (the default ignores it).
 
 Example::
 
@@ -56,6 +63,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,7 +71,7 @@ import torch
 from PIL import Image
 
 from .data import as_image, image_to_tensor, open_checked
-from .errors import FlawscopeError
+from .errors import FlawscopeError, TileGridError
 
 MODES = ("resize", "keep_aspect", "tile")
 #: Image score of a tiled geometry: the largest tile score, or the stitched map's maximum.
@@ -173,6 +181,70 @@ def layout(height: int, width: int, tile: int, overlap: int) -> list[tuple[int, 
             for x in tile_starts(width, tile, overlap)]
 
 
+@dataclass(frozen=True)
+class TileGrid:
+    """Where the tiles of one image lie: its working size and every tile's (top, left), row
+    by row, as :func:`layout` gives them. Two images have the same grid exactly when they have
+    the same working size; a model with statistics per tile position is fitted for one grid
+    and scores only images with that grid.
+
+    Example::
+
+        grid = TileGrid.of(1024, 1024, tile=256, overlap=64)
+        grid.describe()  # '5 x 5 tiles of 256 px over 1024 x 1024 px'
+    """
+
+    height: int
+    width: int
+    tile: int
+    starts: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of(cls, height: int, width: int, tile: int, overlap: int) -> TileGrid:
+        return cls(height, width, tile, tuple(layout(height, width, tile, overlap)))
+
+    def describe(self) -> str:
+        rows = len({y for y, _ in self.starts})
+        cols = len({x for _, x in self.starts})
+        return (f"{rows} x {cols} tiles of {self.tile} px over {self.width} x {self.height} px")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"height": self.height, "width": self.width, "tile": self.tile,
+                "starts": [list(s) for s in self.starts]}
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> TileGrid:
+        return cls(int(record["height"]), int(record["width"]), int(record["tile"]),
+                   tuple((int(y), int(x)) for y, x in record["starts"]))
+
+
+def image_grid(geometry: Geometry, tile: int, width: int, height: int) -> TileGrid:
+    """The tile grid of an image of ``width`` x ``height`` pixels in a tiled geometry."""
+    g = geometry.resolved(tile)
+    w, h = g.working_size(width, height)
+    return TileGrid.of(h, w, tile, g.overlap)
+
+
+def grid_mismatch(grid: TileGrid, fitted: TileGrid) -> str:
+    """Why an image with ``grid`` cannot be scored by a model tied to ``fitted``."""
+    return (f"its working size ({grid.width} x {grid.height} px) gives {grid.describe()}, but "
+            f"the model keeps statistics per tile position for {fitted.describe()}: give "
+            "images of the training images' size (parts in the same pose and framing), or "
+            "refit with statistics shared by all tiles")
+
+
+def check_grid(model, geometry: Geometry, width: int, height: int, where: object) -> None:
+    """A :class:`~flawscope.errors.TileGridError` naming ``where`` if ``model`` is tied to a
+    tile grid (``model.tile_grid``) that an image of ``width`` x ``height`` does not have;
+    nothing for every other model. Lets callers refuse such an image before scoring it."""
+    fitted = getattr(model, "tile_grid", None)
+    if fitted is None or not geometry.tiled:
+        return
+    grid = image_grid(geometry, model.image_size, width, height)
+    if grid != fitted:
+        raise TileGridError(f"{where}: {grid_mismatch(grid, fitted)}")
+
+
 def cut_tile(arr: np.ndarray, top: int, left: int, tile: int) -> torch.Tensor:
     """One ``(3, tile, tile)`` tensor; a side shorter than ``tile`` is mirror-padded."""
     piece = arr[top:top + tile, left:left + tile]
@@ -205,11 +277,13 @@ def score_image(model, im: Image.Image, geometry: Geometry, engine=None,
     g = geometry.resolved(tile)
     arr = working_array(im, g)
     height, width = arr.shape[:2]
-    starts = layout(height, width, tile, g.overlap)
+    grid = TileGrid.of(height, width, tile, g.overlap)
+    starts = grid.starts
     scores, maps = [], []
     for i in range(0, len(starts), batch_size):
         batch = torch.stack([cut_tile(arr, y, x, tile) for y, x in starts[i:i + batch_size]])
-        s, m = model.score_tensor(batch, engine)
+        positions = torch.arange(i, i + len(batch))
+        s, m = model.score_tiles(batch, grid, positions, engine)
         scores.append(s)
         maps.append(m)
     stitched = stitch(torch.cat(maps), starts, height, width, g.overlap)
@@ -241,21 +315,48 @@ def _image_size(source) -> tuple[int, int]:
         return im.size
 
 
+def _describe(source, i: int) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    return getattr(source, "filename", "") or f"training image {i} (given in memory)"
+
+
 class TileDataset(torch.utils.data.Dataset):
     """The tiles of images (paths, PIL images or arrays) as ``(3, S, S)`` tensors, image by
-    image: what a model is fitted on in a tiled geometry. The last decoded image is cached,
-    so a sequential pass decodes each image once."""
+    image, each image's tiles in its grid's order: what a model is fitted on in a tiled
+    geometry. The last decoded image is cached, so a sequential pass decodes each image once.
+
+    ``grids[i]`` is image ``i``'s :class:`TileGrid`; ``positions[k]`` the index of tile ``k``
+    in its image's grid (what a model with statistics per tile position needs).
+    """
 
     def __init__(self, sources: Sequence, geometry: Geometry, size: int):
         self.sources = list(sources)
         self.size = size
         self.geometry = geometry.resolved(size)
         self.index: list[tuple[int, int, int]] = []
+        self.positions: list[int] = []
+        self.grids: list[TileGrid] = []
         for i, source in enumerate(self.sources):
             width, height = self.geometry.working_size(*_image_size(source))
-            self.index += [(i, y, x) for y, x in layout(height, width, size,
-                                                         self.geometry.overlap)]
+            grid = TileGrid.of(height, width, size, self.geometry.overlap)
+            self.grids.append(grid)
+            self.index += [(i, y, x) for y, x in grid.starts]
+            self.positions += range(len(grid.starts))
         self._cached: tuple[int, np.ndarray] | None = None
+
+    def common_grid(self) -> TileGrid:
+        """The tile grid all the images share; a :class:`~flawscope.errors.TileGridError`
+        naming the first image whose grid differs from the first image's."""
+        first = self.grids[0]
+        for i, grid in enumerate(self.grids):
+            if grid != first:
+                raise TileGridError(
+                    f"{_describe(self.sources[i], i)}: its working size gives "
+                    f"{grid.describe()}, but {_describe(self.sources[0], 0)} gives "
+                    f"{first.describe()}; statistics per tile position need every image at "
+                    "the same size (parts in the same pose and framing)")
+        return first
 
     def __len__(self) -> int:
         return len(self.index)

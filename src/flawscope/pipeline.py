@@ -36,7 +36,7 @@ from .data import (
     read_mask,
 )
 from .errors import FlawscopeError
-from .geometry import Geometry, score_images
+from .geometry import Geometry, check_grid, score_images
 from .metrics import compute_all
 from .modelfile import save_model
 from .models import AnomalyModel, get_model_class
@@ -289,6 +289,7 @@ def _evaluate_tiled(model: AnomalyModel, items: list, geometry: Geometry,
     infer_s = 0.0
     for i, item in enumerate(tqdm(items, desc=f"testing {name}", leave=False, disable=None)):
         image = read_image(item.path)
+        check_grid(model, geometry, image.width, image.height, item.path)
         start = time.perf_counter()
         [(score, amap)] = score_images(model, [image], geometry, engine, batch_size)
         infer_s += time.perf_counter() - start

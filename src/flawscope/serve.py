@@ -47,7 +47,8 @@ from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from PIL import Image
 
 from .data import DEFAULT_MAX_PIXELS, MIN_SIDE, ImageTooLarge, ImageTooSmall, open_checked, to_rgb
-from .errors import DataError, FlawscopeError
+from .errors import DataError, FlawscopeError, TileGridError
+from .geometry import check_grid
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,9 @@ class Predictor:
         allocator, kernels chosen on first use) happens before /health says ok rather than
         in the first real requests."""
         size = max(self.detector.model.image_size, self.min_side)
-        grey = Image.new("RGB", (size, size), (128, 128, 128))
+        grid = self.detector.model.tile_grid  # a model tied to one tile grid: its image size
+        shape = (size, size) if grid is None else (grid.width, grid.height)
+        grey = Image.new("RGB", shape, (128, 128, 128))
         start = time.perf_counter()
         list(self.detector.predict_many([grey] * self.batcher.max_batch,
                                         batch_size=self.batcher.max_batch))
@@ -194,6 +197,11 @@ class Predictor:
         """Decode, score (batched with concurrent requests) and decide one upload; runs in a
         pool thread."""
         image = decode_upload(data, self.max_pixels, self.min_side)
+        try:  # refused alone, before it could share a batch with other uploads
+            check_grid(self.detector.model, self.detector.geometry, image.width, image.height,
+                       "upload")
+        except TileGridError as exc:
+            raise UploadError(422, str(exc).removeprefix("upload: ")) from None
         prediction = self.batcher.submit(image).result()
         result: dict[str, Any] = {"model": self.detector.name, **prediction.record()}
         del result["path"], result["error"]

@@ -66,6 +66,11 @@ class AnomalyModel(ABC):
         return model
 
     preset: str | None = None
+    #: The tile grid (:class:`flawscope.geometry.TileGrid`) the fitted state is tied to, for a
+    #: model with statistics per tile position: it scores only images with this grid, and a
+    #: blank image of its working size (``width`` x ``height``) is a valid warm-up input.
+    #: None (every other model): tiles may lie anywhere, images may have any size.
+    tile_grid: Any = None
 
     @property
     def image_size(self) -> int:
@@ -81,6 +86,9 @@ class AnomalyModel(ABC):
 
         ``images`` yields ``(3, S, S)`` tensors in [0, 1]. ``workdir``, when given, is where
         the model may write checkpoints (to resume an interrupted fit) and training pictures.
+        In a tiled geometry ``images`` is a :class:`flawscope.geometry.TileDataset`, which also
+        says where each tile lies in its image; only a model with statistics per tile
+        position (see :meth:`score_tiles`) needs that.
         """
 
     @abstractmethod
@@ -146,6 +154,20 @@ class AnomalyModel(ABC):
         """Whether fitted models of this class can be exported (they implement
         :meth:`onnx_module`)."""
         return cls.onnx_module is not AnomalyModel.onnx_module
+
+    def score_tiles(self, tiles: torch.Tensor, grid: Any, positions: torch.Tensor,
+                    engine=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and maps, as :meth:`score_tensor` gives them, of tiles ``(B, 3, S, S)`` cut
+        from one image: ``grid`` (a :class:`flawscope.geometry.TileGrid`) says where that
+        image's tiles lie and ``positions`` ``(B,)`` which of them these are.
+
+        :func:`flawscope.geometry.score_image` scores every tile of every model through this
+        method. The default scores each tile as an image, wherever it lies (the statistics
+        of a position inside a tile are shared by all tiles). A model that keeps statistics
+        per tile position overrides it, and raises
+        :class:`~flawscope.errors.TileGridError` for a grid it was not fitted on.
+        """
+        return self.score_tensor(tiles, engine)
 
     # ----------------------------------------------------------------- shared helpers
     @torch.no_grad()
