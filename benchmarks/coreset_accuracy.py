@@ -83,8 +83,9 @@ def main() -> None:
     start = time.perf_counter()
     train = embed_all(probe, ImageDataset(category.train, size))
     test = embed_all(probe, ImageDataset([t.path for t in category.test], size))
-    print(f"features {time.perf_counter() - start:.0f} s; {train.shape[0] * train.shape[2] * train.shape[3]} "
-          "training patches", flush=True)
+    n_patches = train.shape[0] * train.shape[2] * train.shape[3]
+    print(f"features {time.perf_counter() - start:.0f} s; {n_patches} training patches",
+          flush=True)
     labels = [int(t.is_anomalous) for t in category.test]
     masks = np.stack([read_mask(t.mask_path, size) if t.mask_path is not None
                       else np.zeros((size, size), bool) for t in category.test])
@@ -94,10 +95,9 @@ def main() -> None:
             if (method, seed) in done:
                 continue
             model = cls.from_settings(None, {"coreset": method, "seed": seed})
-            n = train.shape[0] * train.shape[2] * train.shape[3]
             start = time.perf_counter()
             if method == "exact":
-                bank = model._exact_bank(feature_batches(train), n)
+                bank = model._exact_bank(feature_batches(train), n_patches)
             else:
                 bank = model._approx_bank(feature_batches(train))
             select_s = time.perf_counter() - start
