@@ -25,19 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fewshot import embed_all  # the sibling benchmark's feature pass over a dataset
 
 from flawscope.data import ImageDataset, open_category, read_mask
 from flawscope.gallery import cpu_model
 from flawscope.metrics import aupro, image_auroc
 from flawscope.models import get_model_class
-
-
-def embed_all(model, dataset, batch: int = 16) -> torch.Tensor:
-    """Patch features ``(N, C, h, w)`` of every image of ``dataset``."""
-    with torch.inference_mode():
-        return torch.cat([model.embed(torch.stack([dataset[i] for i in
-                                                   range(s, min(s + batch, len(dataset)))]))
-                          for s in range(0, len(dataset), batch)])
 
 
 def feature_batches(features: torch.Tensor, batch: int = 16):
