@@ -75,7 +75,8 @@ def main() -> None:
     parser.add_argument("--categories", default="welding,toothbrush,magnetic_tile,screw")
     parser.add_argument("--models", default="patchcore,padim")
     parser.add_argument("--geometries", default="resize,keep_aspect,tile")
-    parser.add_argument("--pixel-size", type=int, default=256)
+    parser.add_argument("--pixel-size", default="native",
+                        help="native (each mask's own size, the default) or a number of pixels")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--no-lock", action="store_true",
                         help="Do not wait for the timing lock (accuracy only: the fit s and "

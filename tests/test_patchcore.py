@@ -12,6 +12,7 @@ from flawscope.coreset import greedy_coreset, random_projection
 from flawscope.data import ImageDataset, open_category
 from flawscope.modelfile import load_model
 from flawscope.models import get_model_class
+from flawscope import nnsearch
 from flawscope.nnsearch import ClusteredBank, nearest_distances, nearest_indices
 from flawscope.synth import SynthSpec, generate
 
@@ -93,6 +94,7 @@ def test_clustered_search_finds_the_same_neighbours_as_brute_force():
     search = ClusteredBank(bank, cluster_size=64, min_rows=1000)
     assert search.n_clusters == 78
     dist = search.search(queries)
+    assert not brute_force_calls(search, queries)  # the clusters were used, not bypassed
     best = torch.cdist(queries.double(), bank.double()).amin(1)
     # float32 expansion at norms of ~110: distances agree to a few 1e-3, like brute force's.
     torch.testing.assert_close(dist.double(), best, rtol=0, atol=5e-3)
@@ -101,6 +103,36 @@ def test_clustered_search_finds_the_same_neighbours_as_brute_force():
     assert (dist[1500:] > 5).all()  # the far queries really were far
     # A small bank is searched plainly.
     assert ClusteredBank(bank[:100], min_rows=1000).n_clusters == 1
+
+
+def brute_force_calls(search: ClusteredBank, queries: torch.Tensor) -> int:
+    """How many times ``search.search(queries)`` fell back to the brute-force search."""
+    calls = []
+    original = nnsearch.nearest_distances
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    nnsearch.nearest_distances = counting
+    try:
+        search.search(queries)
+    finally:
+        nnsearch.nearest_distances = original
+    return len(calls)
+
+
+def test_clustered_search_falls_back_to_brute_force_where_clusters_cannot_prune():
+    # Unstructured rows (like the patches of a fine texture): every query is about as far
+    # from every cluster, nearly all pairs survive the skip test, and brute force is cheaper.
+    g = torch.Generator().manual_seed(6)
+    bank = torch.randn(4000, 64, generator=g)
+    queries = torch.randn(500, 64, generator=g)
+    search = ClusteredBank(bank, cluster_size=64, min_rows=1000)
+    assert search.n_clusters == 62
+    assert brute_force_calls(search, queries) == 1
+    best = torch.cdist(queries.double(), bank.double()).amin(1)
+    torch.testing.assert_close(search.search(queries).double(), best, rtol=0, atol=1e-3)
 
 
 @pytest.fixture(scope="module")
