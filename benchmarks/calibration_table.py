@@ -99,7 +99,8 @@ def binomial_range(n: int, p: float) -> tuple[int, int]:
     return int(binom.ppf(0.025, n, p)), int(binom.ppf(0.975, n, p))
 
 
-def threshold_table(records: list[dict], targets: list[float], models: list[str]) -> None:
+def threshold_table(records: list[dict], targets: list[float], models: list[str],
+                    methods: list[str]) -> None:
     from flawscope import threshold as th
 
     print("\n| model | target | calibration | category | n cal | method | false alarms | "
@@ -108,7 +109,7 @@ def threshold_table(records: list[dict], targets: list[float], models: list[str]
     pooled_lines = []
     for model in models:
         for target in targets:
-            for method in ("holdout", "loo"):
+            for method in methods:
                 fa = n_good = det = n_bad = 0
                 oracle_det = 0.0
                 for rec in records:
@@ -198,10 +199,14 @@ def main() -> None:
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument("--cached-only", action="store_true",
                         help="print the tables from the cached fits only (nothing is fitted)")
+    parser.add_argument("--methods", default="holdout,loo",
+                        help="calibrations to compare: holdout (thresholds by the old "
+                             "estimators), loo, kfold (both by the new ones)")
     parser.add_argument("--tail-sizes", default="20,40,60")
     parser.add_argument("--draws", type=int, default=200)
     args = parser.parse_args()
     models = args.models.split(",")
+    methods = args.methods.split(",")
     import platform
 
     from flawscope.gallery import cpu_model
@@ -214,7 +219,7 @@ def main() -> None:
             print(f"  skipping {category}: not found under {args.data}")
             continue
         for model in models:
-            for method in ("holdout", "loo"):
+            for method in methods:
                 path = args.cache / f"{category.replace('/', '_')}-{model}-{method}.json"
                 if args.cached_only and not path.is_file():
                     print(f"  not cached yet: {category} {model} {method}")
@@ -222,7 +227,7 @@ def main() -> None:
                 records.append(collect(args.data, category, model, method, args.cache))
     if args.collect_only:
         return
-    threshold_table(records, [float(t) for t in args.targets.split(",")], models)
+    threshold_table(records, [float(t) for t in args.targets.split(",")], models, methods)
     tail_table(records, 0.01, [int(n) for n in args.tail_sizes.split(",")], args.draws)
 
 

@@ -110,6 +110,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256, help="the model's input side")
     parser.add_argument("--geometry", choices=("resize", "keep_aspect", "tile"),
                         default="resize")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="flawscope test --batch-size (default: the CLI's)")
     parser.add_argument("--workers", type=int, default=0,
                         help="processes generating the data (0: one per core)")
     args = parser.parse_args()
@@ -126,14 +128,16 @@ def main() -> None:
         f"image_size={args.image_size}", "--geometry", args.geometry, "--out", str(model_dir)))
     print(f"fit: {fit_s:.1f} s wall, peak {fit_mb:.0f} MiB ({fit_anon:.0f} MiB anonymous)",
           flush=True)
+    batch = [] if args.batch_size is None else ["--batch-size", str(args.batch_size)]
     test_s, test_mb, test_anon = run_measured(cli(
-        "test", "--model", str(model_dir), "--data", str(data), "--out", str(results)))
+        "test", "--model", str(model_dir), "--data", str(data), "--out", str(results), *batch))
     m = json.loads((results / "metrics.json").read_text())
     n = count_test_images(data)
     print(f"flawscope test ({args.model} {args.image_size} px, geometry {args.geometry}) on "
           f"{m['n_images']} images ({n} files) of {args.size}x{args.size}: peak RSS "
           f"{test_mb:.0f} MiB (os.wait4 ru_maxrss), anonymous {test_anon:.0f} MiB, wall "
-          f"{test_s:.1f} s, scoring {m['infer_s']:.1f} s, torch threads {m['threads']}")
+          f"{test_s:.1f} s, scoring {m['infer_s']:.1f} s, torch threads {m['threads']}, "
+          f"batch size {args.batch_size or 'default'}")
     print(f"  pixel_size {m['pixel_size']!r}; image AUROC {m['image_auroc']:.4f}, pixel AUROC "
           f"{m['pixel_auroc']:.6f} (bound {m['pixel_auroc_max_error']:.1e}), AU-PRO "
           f"{m['pixel_aupro']:.6f} (bound {m['pixel_aupro_max_error']:.1e})")
@@ -141,7 +145,8 @@ def main() -> None:
                       "wall_s": round(test_s, 1),
                       "fit_peak_rss_mib": round(fit_mb), "n_images": m["n_images"],
                       "pixel_size": m["pixel_size"], "geometry": args.geometry,
-                      "model": args.model, "image_size": args.image_size}))
+                      "model": args.model, "image_size": args.image_size,
+                      "batch_size": args.batch_size}))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from flawscope.calibration import calibrate, kfold_indices
+from flawscope.calibration import calibrate, kfold_indices, resolve_method
 from flawscope.data import ImageDataset, open_category
 from flawscope.errors import FlawscopeError
 from flawscope.modelfile import load_model, read_manifest, save_model
@@ -117,6 +117,21 @@ def test_calibrate_methods(texture, method, fitted_on, held):
     assert record["n_images"] == (held if method == "holdout" else 12)
     assert len(record["scores"]) == record["n_images"] == len(record["map_max_per_image"])
     assert record["map_p50"] <= record["map_p99"] <= record["map_max"]
+
+
+@pytest.mark.parametrize("name,settings,n,tiled,expected", [
+    ("padim", {}, 40, False, "loo"),            # leave-one-out equals a refit
+    ("gaussian", {}, 40, False, "loo"),
+    ("padim", {}, 40, True, "holdout"),         # no leave-one-out over tiles
+    ("patchcore", {}, 40, False, "kfold"),      # a coreset chosen with the image
+    ("patchcore", {}, 40, True, "kfold"),       # k-fold refits, so tiles are fine
+    ("patchcore", {"full_bank_patches": 131072}, 8, False, "loo"),  # no coreset: exact
+    ("patchcore", {}, 2, False, "holdout"),     # too few images to split
+    ("ae_l2", {}, 40, False, "holdout"),        # expensive fit
+])
+def test_auto_calibration_is_what_each_model_does_best(name, settings, n, tiled, expected):
+    model = get_model_class(name).from_settings(None, settings)
+    assert resolve_method(model, "auto", n, tiled) == expected
 
 
 def test_loo_on_a_model_without_it_is_a_clear_error(texture):

@@ -77,7 +77,7 @@ def test_regions_find_large_synthetic_defects_and_good_parts_report_none(synthet
     """PaDiM on 100 good textures at 256 px, calibrated leave-one-out, 1% target: the pixel
     threshold is the conformal quantile of the 100 per-image map maxima. Measured with the
     same seed and 8 defects per type: 39 of 40 good images reported no region; box IoU with
-    the true hole / stain 0.46-0.85 (mean 0.67). Slow: 272 backbone passes at 256 px (4 min
+    the true hole / stain 0.46-0.85 (mean 0.67; per type: see the closing assertions). Slow: 272 backbone passes at 256 px (4 min
     on a loaded 2-core machine)."""
     category, result = synthetic
     record = th.from_calibration(result.calibration, 0.01)
@@ -86,7 +86,7 @@ def test_regions_find_large_synthetic_defects_and_good_parts_report_none(synthet
     items = [t for t in category.test if t.defect_type in ("good", "hole", "stain")]
     detector = Detector(result.model, {"calibration": result.calibration, "threshold": record})
     scored = [p.anomaly_map for p in detector.predict_many([t.path for t in items])]
-    clean, ious = [], []
+    clean, ious = [], {"hole": [], "stain": []}
     for item, amap in zip(items, scored, strict=True):
         assert amap.shape == (256, 256)  # the image's own size
         regions = find_regions(amap, threshold, baseline=baseline)
@@ -94,6 +94,11 @@ def test_regions_find_large_synthetic_defects_and_good_parts_report_none(synthet
             clean.append(not regions)
             continue
         truth = mask_box(read_mask(item.mask_path) > 0)
-        ious.append(max(box_iou(r["bbox"], truth) for r in regions) if regions else 0.0)
+        best = max(box_iou(r["bbox"], truth) for r in regions) if regions else 0.0
+        ious[item.defect_type].append(best)
     assert np.mean(clean) >= 0.95
-    assert min(ious) >= 0.3 and np.median(ious) >= 0.5
+    # Each large defect type overlaps its masks with a mean box IoU of at least 0.5, and no
+    # single defect is missed or boxed far off.
+    for kind, values in ious.items():
+        assert np.mean(values) >= 0.5, (kind, values)
+        assert min(values) >= 0.3, (kind, values)

@@ -19,7 +19,11 @@ Four ways to get them, ``fit --calibration``:
     A fraction of the good images is held out of the fit and scored (the classic split, and
     the only choice for models whose fit is expensive).
 ``auto``
-    ``loo`` where the model supports it, else ``holdout``.
+    What the model says is best (:meth:`AnomalyModel.auto_calibration`): ``loo`` for PaDiM
+    and the Gaussian baseline (their leave-one-out equals a refit), ``kfold`` for PatchCore
+    with a coreset (its leave-one-out keeps a coreset chosen with the image, and measured
+    too optimistic), ``holdout`` for the trained models. Falls back to ``holdout`` where
+    the method cannot run (fewer than 3 images, or ``loo`` in a tiled geometry).
 
 Usage::
 
@@ -91,7 +95,12 @@ def resolve_method(model: AnomalyModel, method: str, n_images: int,
         raise FlawscopeError(f"calibration {method!r}: choose from {', '.join(METHODS)}")
     loo_ok = model.supports_leave_one_out and not tiled
     if method == "auto":
-        return "loo" if loo_ok and n_images >= 3 else "holdout"
+        chosen = model.auto_calibration()
+        if chosen == "loo" and not (loo_ok and n_images >= 3):
+            chosen = "holdout"
+        if chosen == "kfold" and n_images < 3:
+            chosen = "holdout"
+        return chosen
     if method == "loo" and not loo_ok:
         raise FlawscopeError(f"model {model.name!r} has no leave-one-out scores; use "
                              "--calibration holdout or kfold")

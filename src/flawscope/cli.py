@@ -190,8 +190,9 @@ def synth(out: Path, seed: int, size: int, n_train: int, test_good: int, test_de
               default="holdout", show_default=True,
               help="How the good images' calibration scores are made: holdout (score the "
                    "--holdout images), loo (every image, scored by the model without it: "
-                   "padim, gaussian, patchcore with coreset=exact), kfold, or auto (loo where "
-                   "the model has it).")
+                   "padim, gaussian, patchcore), kfold (fit without each fifth, score it), "
+                   "or auto (what each model does best: loo for padim and gaussian, kfold "
+                   "for patchcore, holdout for the trained models).")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Model directory to write (replaced atomically if it exists).")
 @_geometry_options

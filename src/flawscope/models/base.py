@@ -112,8 +112,15 @@ class AnomalyModel(ABC):
         return None
 
     #: True where :meth:`leave_one_out_scores` is implemented (exactly, without refitting).
-    #: ``fit --calibration auto`` then fits on every good image and calibrates on all of them.
     supports_leave_one_out: ClassVar[bool] = False
+
+    def auto_calibration(self) -> str:
+        """What ``fit --calibration auto`` does for this model (see
+        :mod:`flawscope.calibration`): ``loo`` where the leave-one-out scores equal a refit
+        without the image, so every good image is fitted on and calibrated on; ``kfold``
+        where they do not but a fit is cheap; ``holdout`` (the default) where a fit is
+        expensive."""
+        return "loo" if self.supports_leave_one_out else "holdout"
 
     def leave_one_out_scores(self, images: torch.utils.data.Dataset
                              ) -> tuple[np.ndarray, np.ndarray] | None:

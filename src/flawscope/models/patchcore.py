@@ -327,6 +327,20 @@ class PatchCoreModel(AnomalyModel):
     #: Both coresets keep each bank row's source image, which leave-one-out needs.
     supports_leave_one_out = True
 
+    def auto_calibration(self) -> str:
+        """``kfold`` where a coreset is selected, ``loo`` where the bank keeps every patch.
+
+        Leave-one-out drops an image's own rows but keeps a coreset that was selected with
+        that image among the training images: greedy k-center picks the patches farthest from
+        the rest, so the image's unusual patches pulled rows near them into the bank, and its
+        leave-one-out score comes out lower than a new good image's. Measured (default
+        settings, AMD EPYC): the 95th percentile of the calibration scores was 21.35 by
+        leave-one-out, 22.46 by 5-fold and 22.62 on test/good (screw); at a 5% target
+        leave-one-out thresholds flagged 5 of 41 test/good screws and 18 of 190 magnetic tiles,
+        5-fold 3 of 41 and 13 of 190. Without a coreset (the ``fewshot`` preset keeps every
+        patch while ``full_bank_patches`` allows) leave-one-out equals a refit."""
+        return "loo" if self.config.full_bank_patches else "kfold"
+
     @torch.inference_mode()
     def leave_one_out_scores(self, images: torch.utils.data.Dataset
                              ) -> tuple[np.ndarray, np.ndarray] | None:
