@@ -7,12 +7,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from flawscope import nnsearch
 from flawscope.cli import cli
 from flawscope.coreset import greedy_coreset, random_projection
 from flawscope.data import ImageDataset, open_category
 from flawscope.modelfile import load_model
 from flawscope.models import get_model_class
-from flawscope import nnsearch
 from flawscope.nnsearch import ClusteredBank, nearest_distances, nearest_indices
 from flawscope.synth import SynthSpec, generate
 

@@ -77,8 +77,8 @@ def test_regions_find_large_synthetic_defects_and_good_parts_report_none(synthet
     """PaDiM on 100 good textures at 256 px, calibrated leave-one-out, 1% target: the pixel
     threshold is the conformal quantile of the 100 per-image map maxima. Measured with the
     same seed and 8 defects per type: 39 of 40 good images reported no region; box IoU with
-    the true hole / stain 0.46-0.85 (mean 0.67; per type: see the closing assertions). Slow: 272 backbone passes at 256 px (4 min
-    on a loaded 2-core machine)."""
+    the true hole / stain 0.46-0.85 (mean per type 0.65 / 0.67). Slow: 272 backbone passes
+    at 256 px (4 min on a loaded 2-core machine)."""
     category, result = synthetic
     record = th.from_calibration(result.calibration, 0.01)
     assert record["pixel_method"] == "good_quantile" and result.calibration["method"] == "loo"

@@ -19,9 +19,9 @@ On the 10% screw bank with clusters of 128 rows, 18% of the (query, cluster) pai
 test images survive the test and the search is 2.1x faster than brute force (0.94 s vs 1.97 s
 for 16 images on 2 cores); a defective patch, far from everything, may need many clusters,
 which is correct and rare. Where most pairs survive (textures whose patches are all alike
-at the scale of a cluster) the search falls back to brute force. Distances use ``|q - m|^2 = |q|^2 - 2 q.m + |m|^2`` everywhere,
-and the skip test carries a bound on its float32 rounding so that it never skips a cluster
-that was needed.
+at the scale of a cluster) the search falls back to brute force. Distances use
+``|q - m|^2 = |q|^2 - 2 q.m + |m|^2`` everywhere, and the skip test carries a bound on its
+float32 rounding so that it never skips a cluster that was needed.
 """
 
 from __future__ import annotations
