@@ -56,6 +56,37 @@ def test_patchcore_leave_one_out_equals_a_bank_without_that_images_patches(textu
     assert (scores >= in_sample.numpy() - 1e-5).all() and (scores > in_sample.numpy()).any()
 
 
+@pytest.mark.parametrize("coreset", ["exact", "approx"])
+def test_patchcore_kfold_from_features_computed_once_equals_refitting(texture, coreset,
+                                                                      monkeypatch):
+    settings = {"image_size": 64, "coreset_ratio": 0.25, "coreset": coreset}
+
+    def make():
+        return get_model_class("patchcore").from_settings(None, settings)
+
+    cls = type(make())
+    original, results = cls.kfold_scores, []
+
+    def spy(self, images, folds):
+        results.append(original(self, images, folds))
+        return results[-1]
+
+    monkeypatch.setattr(cls, "kfold_scores", spy)
+    fast = calibrate(make, texture.train, method="kfold", folds=3, seed=0)
+    assert len(results) == 1 and results[0] is not None  # cross-fitted, no refit
+    monkeypatch.setattr(cls, "kfold_scores", lambda self, images, folds: None)
+    refit = calibrate(make, texture.train, method="kfold", folds=3, seed=0)
+    a, b = fast.calibration, refit.calibration
+    assert a["method"] == b["method"] == "kfold" and a["n_images"] == b["n_images"] == 12
+    # The same banks from the same rows: equal up to the backbone's float rounding on
+    # batches grouped differently (a different pick would move scores by whole units).
+    np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-4)
+    np.testing.assert_allclose(a["map_max_per_image"], b["map_max_per_image"], rtol=1e-4)
+    assert a["map_p50"] == pytest.approx(b["map_p50"], rel=1e-4)
+    # The saved model is the one fitted on every image either way.
+    torch.testing.assert_close(fast.model.memory_bank, refit.model.memory_bank)
+
+
 def test_patchcore_saved_with_bank_sources_and_old_files_still_load(texture, tmp_path):
     model = get_model_class("patchcore").from_settings(None, {"image_size": 64,
                                                               "coreset_ratio": 0.25})

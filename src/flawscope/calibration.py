@@ -13,8 +13,9 @@ Four ways to get them, ``fit --calibration``:
     calibration scores as good images.
 ``kfold``
     The good images are split into ``folds`` parts; a model fitted on all but one part scores
-    that part, for each part; the saved model is then fitted on all images. ``folds + 1``
-    fits: for models without leave-one-out whose fit is affordable.
+    that part, for each part; the saved model is fitted on all images. ``folds + 1`` fits,
+    or cheaper where the model can cross-fit from features computed once
+    (:meth:`AnomalyModel.kfold_scores`: PatchCore selects each fold's bank from them).
 ``holdout``
     A fraction of the good images is held out of the fit and scored (the classic split, and
     the only choice for models whose fit is expensive).
@@ -125,6 +126,26 @@ def _fit(make_model: Callable[[], AnomalyModel], paths: Sequence[Path],
     return model, dataset, time.perf_counter() - start
 
 
+def _refit_folds(make_model: Callable[[], AnomalyModel], paths: Sequence[Path],
+                 split: Sequence[np.ndarray], geometry) -> tuple[np.ndarray, list]:
+    """Scores and maps of every image by a model fitted without its part of ``split``."""
+    from .pipeline import score_paths
+
+    scores = np.zeros(len(paths), dtype=np.float64)
+    maps: list = [None] * len(paths)  # per image: sizes differ in a tiled geometry
+    for f, part in enumerate(split):
+        inside = set(part.tolist())
+        log.info("calibration fold %d of %d", f + 1, len(split))
+        fold_model, _, _ = _fit(make_model, [p for i, p in enumerate(paths)
+                                             if i not in inside], None, geometry)
+        s, m = score_paths(fold_model, [paths[i] for i in part], desc=f"fold {f + 1}",
+                           geometry=geometry)
+        scores[part] = s
+        for i, image_map in zip(part, m, strict=True):
+            maps[i] = image_map
+    return scores, maps
+
+
 def calibrate(make_model: Callable[[], AnomalyModel], paths: Sequence[Path],
               method: str = "auto", holdout: float = 0.1, folds: int = DEFAULT_FOLDS,
               seed: int = 0, workdir: Path | None = None, geometry=None) -> Calibrated:
@@ -156,20 +177,13 @@ def calibrate(make_model: Callable[[], AnomalyModel], paths: Sequence[Path],
         if k < 2:
             raise FlawscopeError(f"k-fold calibration needs at least 2 good images, got "
                                  f"{len(paths)}")
-        scores = np.zeros(len(paths), dtype=np.float64)
-        maps: list = [None] * len(paths)  # per image: sizes differ in a tiled geometry
-        for f, part in enumerate(kfold_indices(len(paths), k, seed)):
-            inside = set(part.tolist())
-            log.info("calibration fold %d of %d", f + 1, k)
-            fold_model, _, _ = _fit(make_model, [p for i, p in enumerate(paths)
-                                                 if i not in inside], None, geometry)
-            s, m = score_paths(fold_model, [paths[i] for i in part], desc=f"fold {f + 1}",
-                               geometry=geometry)
-            scores[part] = s
-            for i, image_map in zip(part, m, strict=True):
-                maps[i] = image_map
-        model, _, fit_s = _fit(make_model, paths, workdir, geometry)
-        return Calibrated(model, calibration_record(scores, maps, "kfold"), "kfold",
+        split = kfold_indices(len(paths), k, seed)
+        model, dataset, fit_s = _fit(make_model, paths, workdir, geometry)
+        tiled = geometry is not None and geometry.tiled  # the dataset holds tiles, not images
+        cross = None if tiled else model.kfold_scores(dataset, split)
+        if cross is None:
+            cross = _refit_folds(make_model, paths, split, geometry)
+        return Calibrated(model, calibration_record(*cross, "kfold"), "kfold",
                           len(paths), 0, fit_s)
     model, dataset, fit_s = _fit(make_model, paths, workdir)
     result = model.leave_one_out_scores(dataset)

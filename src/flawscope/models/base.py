@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -113,6 +113,15 @@ class AnomalyModel(ABC):
 
     #: True where :meth:`leave_one_out_scores` is implemented (exactly, without refitting).
     supports_leave_one_out: ClassVar[bool] = False
+
+    def kfold_scores(self, images: torch.utils.data.Dataset, folds: Sequence[np.ndarray]
+                     ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Scores ``(N,)`` and maps ``(N, S, S)`` of each of the ``N`` images of the last
+        :meth:`fit` (same dataset, same order) by a model fitted on the images outside its
+        part of ``folds`` (index arrays that partition ``range(N)``), computed more cheaply
+        than by refitting; None (the default): ``fit --calibration kfold`` refits the model
+        once per fold."""
+        return None
 
     def auto_calibration(self) -> str:
         """What ``fit --calibration auto`` does for this model (see

@@ -54,7 +54,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +102,10 @@ AUGMENTATIONS: dict[str, tuple[tuple[int, bool], ...]] = {
 
 #: Patches kept whole by the ``fewshot`` preset: 16 images x 8 views x 32 x 32 patches.
 FEWSHOT_FULL_BANK = 16 * 8 * 32 * 32
+
+#: :meth:`PatchCoreModel.kfold_scores` keeps every training patch's features in memory up
+#: to this size (magnetic tile's 762 images at 256 px: 474 MB); above it, cross-fitting refits.
+KFOLD_FEATURE_BYTES = 2 * 1024 ** 3
 
 #: ``coreset="auto"`` selects exactly up to this many training patches (about 250 images at
 #: 256 px, where the exact selection takes a few minutes on 2 cores) and approximately above.
@@ -226,10 +230,16 @@ class PatchCoreModel(AnomalyModel):
             raise FlawscopeError("patchcore needs at least one training image")
         loader = torch.utils.data.DataLoader(images, batch_size=self.config.batch_size)
         views = AUGMENTATIONS[self.config.augment]
-        batches = self._view_features(tqdm(loader, desc="features", leave=False,
-                                           disable=None), views)
+        self._fit_features(self._view_features(tqdm(loader, desc="features", leave=False,
+                                                    disable=None), views),
+                           len(images) * len(views))
+
+    def _fit_features(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+                      n_views: int) -> None:
+        """Select the memory bank from the features of ``n_views`` image views (every view
+        of every training image, as :meth:`_view_features` streams them)."""
         first = next(batches)
-        n_patches = len(images) * len(views) * first[0].shape[2] * first[0].shape[3]
+        n_patches = n_views * first[0].shape[2] * first[0].shape[3]
         keep_all = n_patches <= self.config.full_bank_patches
         method = self.config.coreset
         if keep_all:
@@ -322,6 +332,50 @@ class PatchCoreModel(AnomalyModel):
         if self._search is None:
             raise FlawscopeError("patchcore model is not fitted")
         return PatchCoreScorer(self)
+
+    # ----------------------------------------------------------------- cross-fitting
+    @torch.inference_mode()
+    def kfold_scores(self, images: torch.utils.data.Dataset, folds: Sequence[np.ndarray]
+                     ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Each training image scored by a bank selected without its fold, from features
+        computed once: a fit's cost is its feature pass, so k-fold cross-fitting costs two
+        feature passes and ``k + 1`` coreset selections instead of ``k + 1`` fits (screw, 320
+        images, one thread: see the README). The bank of a fold is selected by the same code
+        from the same rows in the same order as a refit on the other folds' images would,
+        so it is that refit's bank up to float rounding of the backbone on batches grouped
+        differently. None (refit instead) where the features of every view of every image
+        would exceed :data:`KFOLD_FEATURE_BYTES`.
+        """
+        n = len(images)
+        views = AUGMENTATIONS[self.config.augment]
+        identity = views.index((0, False))
+        loader = torch.utils.data.DataLoader(images, batch_size=self.config.batch_size)
+        features: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for emb, index in self._view_features(tqdm(loader, desc="k-fold features",
+                                                   leave=False, disable=None), views):
+            if not features and emb[0].numel() * 4 * n * len(views) > KFOLD_FEATURE_BYTES:
+                return None
+            features.append((emb, index))
+        own = features[identity::len(views)]  # each batch's images as they are
+        scores = np.zeros(n, dtype=np.float32)
+        maps: np.ndarray | None = None
+        for part in folds:
+            held = torch.zeros(n, dtype=torch.bool)
+            held[torch.as_tensor(part, dtype=torch.long)] = True
+            renumber = torch.cumsum(~held, 0) - 1  # an image's index among the kept ones
+            kept = ((emb[~held[index]], renumber[index[~held[index]]])
+                    for emb, index in features if (~held[index]).any())
+            fold = type(self)(self.config)
+            fold._fit_features(kept, (n - int(held.sum())) * len(views))
+            for emb, index in own:
+                mask = held[index]
+                if mask.any():
+                    s, m = fold.score_features(emb[mask])
+                    if maps is None:
+                        maps = np.zeros((n, *m.shape[1:]), dtype=np.float32)
+                    scores[index[mask].numpy()] = s.float().numpy()
+                    maps[index[mask].numpy()] = m.float().numpy()
+        return scores, maps
 
     # ----------------------------------------------------------------- leave-one-out
     #: Both coresets keep each bank row's source image, which leave-one-out needs.
