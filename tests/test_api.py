@@ -92,7 +92,9 @@ def test_fit_on_a_plain_folder_and_on_a_list_of_arrays(synth_root, tmp_path):
     from_folder = Detector.fit(folder, model="gaussian", image_size=64)
     arrays = [np.asarray(Image.open(p).convert("RGB")) for p in train[:12]]
     from_arrays = Detector.fit(arrays, model="gaussian", image_size=64)
-    assert from_folder.manifest["fit_info"]["n_train"] == 11  # one held out of 12
+    # The default calibration (auto: leave-one-out for this model) fits on all 12.
+    assert from_folder.manifest["fit_info"]["n_train"] == 12
+    assert from_folder.manifest["calibration"]["method"] == "loo"
     probe = train[20]
     assert from_folder.predict(probe).score == from_arrays.predict(probe).score
 
@@ -136,8 +138,8 @@ def test_a_constant_scoring_model_is_never_returned(synth_root, monkeypatch):
         return images.new_full((n,), 1.0), images.new_zeros((n, 8, 8))
 
     monkeypatch.setattr(GaussianModel, "score_batch", constant)
-    with pytest.raises(FlawscopeError, match="same score"):
-        Detector.fit(synth_root / "synthetic_object", model="gaussian")
+    with pytest.raises(FlawscopeError, match="same score"):  # on the held-out images
+        Detector.fit(synth_root / "synthetic_object", model="gaussian", calibration="holdout")
 
 
 def test_native_evaluation_agrees_with_the_exact_computation(detector, synth_root):

@@ -31,7 +31,8 @@ def fitted(synth_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli")
     before = snapshot(synth_root)
     data = synth_root / "synthetic_object"
-    fit = run("fit", "--data", data, "--model", "gaussian", "--out", out / "model")
+    fit = run("fit", "--data", data, "--model", "gaussian", "--calibration", "holdout",
+              "--out", out / "model")
     assert fit.exit_code == 0, fit.output
     test = run("test", "--model", out / "model", "--data", data, "--out", out / "results")
     assert test.exit_code == 0, test.output
@@ -66,8 +67,10 @@ def test_saved_model_scores_exactly_like_the_fitted_one(fitted, synth_root):
     s1, m1 = fresh.model.score_tensor(images)
     s2, m2 = loaded.score_tensor(images)
     assert torch.equal(s1, s2) and torch.equal(m1, m2)
-    assert manifest["model"] == "gaussian" and manifest["calibration"]["n_images"] == 4
-    assert manifest["fit_info"]["n_train"] == 36
+    # The API's default calibration (auto: leave-one-out for the gaussian baseline) fits on
+    # all 40 good images and calibrates on all of them.
+    assert manifest["model"] == "gaussian" and manifest["calibration"]["n_images"] == 40
+    assert manifest["fit_info"]["n_train"] == 40 and manifest["calibration"]["method"] == "loo"
 
 
 def test_predict_writes_scores_and_heatmaps(fitted, tmp_path):
@@ -268,8 +271,8 @@ def test_holdout_on_too_few_images_is_not_silent(synth_root, tmp_path, caplog):
     folder.mkdir()
     for path in sorted((synth_root / "synthetic_object" / "train" / "good").glob("*.png"))[:5]:
         (folder / path.name).write_bytes(path.read_bytes())
-    result = run("fit", "--data", folder, "--model", "gaussian", "--holdout", "0.5",
-                 "--out", tmp_path / "m")
+    result = run("fit", "--data", folder, "--model", "gaussian", "--calibration", "holdout",
+                 "--holdout", "0.5", "--out", tmp_path / "m")
     assert result.exit_code == 0, result.output
     assert "none held out" in caplog.text and "threshold: none" in result.output
 

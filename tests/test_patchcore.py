@@ -149,7 +149,8 @@ def fitted(texture, tmp_path_factory):
     out = tmp_path_factory.mktemp("pc")
     runner = CliRunner()
     fit = runner.invoke(cli, ["fit", "--data", str(texture), "--model", "patchcore",
-                              "--set", "image_size=128", "--out", str(out / "model")])
+                              "--set", "image_size=128", "--calibration", "holdout",
+                              "--out", str(out / "model")])
     assert fit.exit_code == 0, fit.output
     test = runner.invoke(cli, ["test", "--model", str(out / "model"), "--data", str(texture),
                                "--out", str(out / "results")])

@@ -25,7 +25,7 @@ from flawscope.threshold import decision_for
 def server(synth_root, tmp_path_factory):
     """gaussian on the synthetic object, served by uvicorn in a thread on a free port."""
     model_dir = tmp_path_factory.mktemp("serve") / "model"
-    fit_model(synth_root / "synthetic_object", "gaussian", model_dir)
+    fit_model(synth_root / "synthetic_object", "gaussian", model_dir, calibration="holdout")
     # A wide batching window, so that concurrent requests surely share batches.
     app = create_app(model_dir, max_upload_mb=0.2, max_pixels=300 * 300, workers=2,
                      batch_window_ms=50)

@@ -88,7 +88,8 @@ def run(*args):
 def test_fit_threshold_predict_end_to_end(synth_root, tmp_path):
     data = synth_root / "synthetic_object"
     model_dir = tmp_path / "model"
-    result = run("fit", "--data", data, "--out", model_dir, "--max-false-alarm", "0.2")
+    result = run("fit", "--data", data, "--out", model_dir, "--max-false-alarm", "0.2",
+                 "--calibration", "holdout")
     assert result.exit_code == 0, result.output
     assert "threshold:" in result.output
     manifest = read_manifest(model_dir)
@@ -126,7 +127,8 @@ def test_fit_threshold_predict_end_to_end(synth_root, tmp_path):
 
 def test_model_without_held_out_images_predicts_undecided(synth_root, tmp_path):
     data = synth_root / "synthetic_texture"
-    result = run("fit", "--data", data, "--out", tmp_path / "m", "--holdout", "0")
+    result = run("fit", "--data", data, "--out", tmp_path / "m", "--calibration", "holdout",
+                 "--holdout", "0")
     assert result.exit_code == 0, result.output
     assert "threshold: none" in result.output
     result = run("predict", "--model", tmp_path / "m", data / "test" / "hole", "--out",

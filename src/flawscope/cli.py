@@ -180,14 +180,15 @@ def synth(out: Path, seed: int, size: int, n_train: int, test_good: int, test_de
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Override one model setting; repeatable (see `flawscope models`).")
 @click.option("--holdout", default=0.1, show_default=True,
-              help="Fraction of the good images held out to calibrate what normal scores "
-                   "look like (none with fewer than 10 images: a warning says so).")
+              help="With --calibration holdout (or auto for the trained models): fraction "
+                   "of the good images held out to calibrate what normal scores look like "
+                   "(none with fewer than 10 images: a warning says so).")
 @click.option("--max-false-alarm", default=0.01, show_default=True,
               type=click.FloatRange(0, 0.5, min_open=True, max_open=True),
               help="Target fraction of good parts flagged; sets the decision threshold from "
-                   "the held-out good images only.")
+                   "the good images' calibration scores only.")
 @click.option("--calibration", type=click.Choice(["holdout", "auto", "loo", "kfold"]),
-              default="holdout", show_default=True,
+              default="auto", show_default=True,
               help="How the good images' calibration scores are made: holdout (score the "
                    "--holdout images), loo (every image, scored by the model without it: "
                    "padim, gaussian, patchcore), kfold (fit without each fifth, score it), "
@@ -201,7 +202,8 @@ def fit(data: Path, model_name: str, preset: str | None, settings: tuple[str, ..
         max_side: int | None, tile_size: int | None) -> None:
     """Fit a model on good images and save it.
 
-    The decision threshold is set from held-out good images for the --max-false-alarm rate;
+    The decision threshold is set from good images only (scored by a model that did not see
+    them, see --calibration) for the --max-false-alarm rate;
     change it later with `flawscope threshold`. The --geometry is saved with the model and
     used wherever it scores (test, predict, serve, report).
     """

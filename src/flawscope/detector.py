@@ -147,15 +147,17 @@ class Detector:
     @classmethod
     def fit(cls, data, model: str = "patchcore", preset: str | None = None, *,
             out: str | Path | None = None, holdout: float = DEFAULT_HOLDOUT,
-            max_false_alarm: float = DEFAULT_MAX_FALSE_ALARM, calibration: str = "holdout",
+            max_false_alarm: float = DEFAULT_MAX_FALSE_ALARM, calibration: str = "auto",
             geometry: Geometry | str | None = None, **settings: Any) -> Detector:
-        """Learn normal from good images and set the threshold from held-out good ones.
+        """Learn normal from good images and set the threshold from good images only.
 
         ``data``: an MVTec-layout category folder (its ``train/good``), a plain folder of good
         images, or a list of images (paths, PIL images or arrays). ``settings`` override the
         model's Config fields (see ``flawscope models``). With ``out`` the model is also saved
         there (and training checkpoints let an interrupted fit resume). ``calibration``:
-        ``holdout``, ``loo``, ``kfold`` or ``auto`` (see :mod:`flawscope.calibration`).
+        how the good images' calibration scores are made, ``auto`` (the default: what the
+        model does best), ``holdout``, ``loo`` or ``kfold`` (see
+        :mod:`flawscope.calibration`).
         ``geometry``: how images become model inputs, a :class:`~flawscope.geometry.Geometry`
         or a mode name (``"resize"``, the default; ``"keep_aspect"``; ``"tile"`` at native
         resolution).

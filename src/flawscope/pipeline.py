@@ -160,7 +160,7 @@ def fit_model(data: str | Path | Sequence, model_name: str, out_dir: str | Path 
               preset: str | None = None, overrides: dict[str, Any] | None = None,
               holdout: float = DEFAULT_HOLDOUT,
               max_false_alarm: float = DEFAULT_MAX_FALSE_ALARM,
-              calibration: str = "holdout", folds: int = 5,
+              calibration: str = "auto", folds: int = 5,
               geometry: Geometry | None = None) -> FitResult:
     """Fit ``model_name`` on good images (see :func:`good_images`), calibrate it and, with
     ``out_dir``, save it there.
