@@ -114,11 +114,9 @@ def brute_force_calls(search: ClusteredBank, queries: torch.Tensor) -> int:
         calls.append(1)
         return original(*args, **kwargs)
 
-    nnsearch.nearest_distances = counting
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nnsearch, "nearest_distances", counting)
         search.search(queries)
-    finally:
-        nnsearch.nearest_distances = original
     return len(calls)
 
 

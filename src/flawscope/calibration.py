@@ -97,10 +97,8 @@ def resolve_method(model: AnomalyModel, method: str, n_images: int,
     loo_ok = model.supports_leave_one_out and not tiled
     if method == "auto":
         chosen = model.auto_calibration()
-        if chosen == "loo" and not (loo_ok and n_images >= 3):
-            chosen = "holdout"
-        if chosen == "kfold" and n_images < 3:
-            chosen = "holdout"
+        if n_images < 3 or (chosen == "loo" and not loo_ok):
+            return "holdout"
         return chosen
     if method == "loo" and not loo_ok:
         raise FlawscopeError(f"model {model.name!r} has no leave-one-out scores; use "

@@ -362,11 +362,12 @@ class PatchCoreModel(AnomalyModel):
         for part in folds:
             held = torch.zeros(n, dtype=torch.bool)
             held[torch.as_tensor(part, dtype=torch.long)] = True
-            renumber = torch.cumsum(~held, 0) - 1  # an image's index among the kept ones
-            kept = ((emb[~held[index]], renumber[index[~held[index]]])
-                    for emb, index in features if (~held[index]).any())
+            keep = ~held
+            renumber = torch.cumsum(keep, 0) - 1  # an image's index among the kept ones
+            kept = ((emb[rows], renumber[index[rows]])
+                    for emb, index in features if (rows := keep[index]).any())
             fold = type(self)(self.config)
-            fold._fit_features(kept, (n - int(held.sum())) * len(views))
+            fold._fit_features(kept, int(keep.sum()) * len(views))
             for emb, index in own:
                 mask = held[index]
                 if mask.any():
