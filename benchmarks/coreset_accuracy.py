@@ -19,6 +19,7 @@ this category are not selected again), then a summary per method.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -58,6 +59,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="seeds of the exact selection")
     ap.add_argument("--approx-seeds", default="0,1,2", help="seeds of the approximate one")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ratios", default="0.1",
+                    help="coreset ratios to select at (comma-separated); each is its own "
+                         "method in the summary, e.g. approx@0.02")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -70,7 +74,7 @@ def main() -> None:
         for line in args.out.read_text().splitlines():
             r = json.loads(line)
             if r["category"] == str(args.data):
-                done.add((r["method"], r["seed"]))
+                done.add((r["method"], r.get("ratio", 0.1), r["seed"]))
     print(f"CPU: {cpu_model()}, {args.threads} threads; {args.data}: "
           f"{len(category.train)} train, {len(category.test)} test images", flush=True)
     start = time.perf_counter()
@@ -83,11 +87,13 @@ def main() -> None:
     masks = np.stack([read_mask(t.mask_path, size) if t.mask_path is not None
                       else np.zeros((size, size), bool) for t in category.test])
     seeds = {"exact": args.seeds, "approx": args.approx_seeds}
-    for method in args.methods.split(","):
+    for method, ratio in itertools.product(args.methods.split(","),
+                                           (float(r) for r in args.ratios.split(","))):
         for seed in (int(s) for s in seeds[method].split(",")):
-            if (method, seed) in done:
+            if (method, ratio, seed) in done:
                 continue
-            model = cls.from_settings(None, {"coreset": method, "seed": seed})
+            model = cls.from_settings(None, {"coreset": method, "seed": seed,
+                                             "coreset_ratio": ratio})
             start = time.perf_counter()
             if method == "exact":
                 bank = model._exact_bank(feature_batches(train), n_patches)
@@ -96,7 +102,7 @@ def main() -> None:
             select_s = time.perf_counter() - start
             model._set_bank(bank.to(torch.float16).contiguous())
             auroc, pro = evaluate(model, test, labels, masks)
-            row = {"category": str(args.data), "method": method, "seed": seed,
+            row = {"category": str(args.data), "method": method, "ratio": ratio, "seed": seed,
                    "bank": len(bank), "select_s": round(select_s, 1),
                    "image_auroc": round(auroc, 5), "aupro": round(pro, 5),
                    "cpu": cpu_model(), "threads": args.threads}
@@ -107,10 +113,11 @@ def main() -> None:
     if args.out:
         rows = [json.loads(line) for line in args.out.read_text().splitlines()]
         rows = [r for r in rows if r["category"] == str(args.data)]
-        for method in dict.fromkeys(r["method"] for r in rows):
-            a = [r["image_auroc"] for r in rows if r["method"] == method]
-            p = [r["aupro"] for r in rows if r["method"] == method]
-            print(f"{method}: {len(a)} seeds, image AUROC {np.mean(a):.4f} "
+        for method, ratio in dict.fromkeys((r["method"], r.get("ratio", 0.1)) for r in rows):
+            same = [r for r in rows if (r["method"], r.get("ratio", 0.1)) == (method, ratio)]
+            a = [r["image_auroc"] for r in same]
+            p = [r["aupro"] for r in same]
+            print(f"{method}@{ratio}: {len(a)} seeds, image AUROC {np.mean(a):.4f} "
                   f"[{min(a):.4f}-{max(a):.4f}], AU-PRO {np.mean(p):.4f} "
                   f"[{min(p):.4f}-{max(p):.4f}]")
 

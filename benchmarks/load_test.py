@@ -68,7 +68,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--bad-every", type=int, default=10, help="every Nth request is bad")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="the service's --workers (default: its own)")
     parser.add_argument("--max-upload-mb", type=float, default=2.0)
     parser.add_argument("--heatmap", action="store_true", help="ask for heat maps too")
     parser.add_argument("--engine", default=None, help="the service's --engine (default: its own)")
@@ -85,7 +86,7 @@ def main() -> int:
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "flawscope", "serve", str(args.model_dir), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", str(args.workers),
+         "--port", str(port), *(["--workers", str(args.workers)] if args.workers else []),
          "--max-upload-mb", str(args.max_upload_mb),
          *(["--engine", args.engine] if args.engine else [])],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})

@@ -133,7 +133,7 @@ def test_patchcore_with_the_approx_coreset_ranks_defects_above_good_images(textu
     monkeypatch.setattr(patchcore_module, "StreamingCoreset",
                         functools.partial(StreamingCoreset, chunk_rows=2048))
     model = fit_patchcore(texture, coreset="approx")
-    assert len(model.memory_bank) == int(np.ceil(0.1 * 30 * 256))
+    assert len(model.memory_bank) == int(np.ceil(model.config.coreset_ratio * 30 * 256))
     test = TestDataset(texture.test, 128, 128)
     images = torch.stack([test[i][0] for i in range(len(test))])
     scores, _ = model.score_tensor(images)

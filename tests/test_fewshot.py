@@ -104,13 +104,13 @@ def test_views_are_the_symmetries_of_the_square():
 
 def test_augmentation_off_leaves_patchcore_as_it_was(texture):
     """Default PatchCore builds the bank exactly as before augmentation existed: features of
-    the images in order, greedy coreset of 10% with the seed."""
+    the images in order, greedy coreset of ``coreset_ratio`` with the seed."""
     train = ImageDataset(texture.train[:6], SIZE)
     model = get_model_class("patchcore").from_settings(None, {"image_size": SIZE})
     model.fit(train)
     batch = torch.stack([train[i] for i in range(len(train))])
     rows = model._rows(model.embed(batch))
-    chosen = greedy_coreset(rows, math.ceil(0.1 * len(rows)), 0, seed=0)
+    chosen = greedy_coreset(rows, math.ceil(model.config.coreset_ratio * len(rows)), 0, seed=0)
     assert torch.equal(model.memory_bank, rows[chosen].half())
     assert torch.equal(model.bank_source, (chosen // GRID).to(torch.int32))
     assert model.config.augment == "none" and model.config.image_score == "max"

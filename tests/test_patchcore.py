@@ -13,6 +13,7 @@ from flawscope.coreset import greedy_coreset, random_projection
 from flawscope.data import ImageDataset, open_category
 from flawscope.modelfile import load_model
 from flawscope.models import get_model_class
+from flawscope.models.patchcore import PatchCoreConfig
 from flawscope.nnsearch import ClusteredBank, nearest_distances, nearest_indices
 from flawscope.synth import SynthSpec, generate
 
@@ -167,14 +168,14 @@ def test_saved_patchcore_is_small_and_scores_identically(fitted, texture):
     model, manifest = load_model(fitted / "model")
     assert model.memory_bank.dtype == torch.float16
     n_patches = round(0.9 * 30) * 16 * 16  # fit images x patches per image at 128 px
-    assert len(model.memory_bank) == int(np.ceil(0.1 * n_patches))
+    assert len(model.memory_bank) == int(np.ceil(PatchCoreConfig.coreset_ratio * n_patches))
     images = torch.stack([ImageDataset(open_category(texture).train, 128)[i] for i in range(4)])
     before = model.score_tensor(images)
     again, _ = load_model(fitted / "model")
     after = again.score_tensor(images)
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
     # and the bank the fitted model held is the one on disk
-    assert manifest["config"]["coreset_ratio"] == 0.1
+    assert manifest["config"]["coreset_ratio"] == PatchCoreConfig.coreset_ratio
 
 
 def test_reweighting_only_lowers_the_max_score(fitted, texture):
