@@ -62,7 +62,8 @@ def main() -> None:
                     continue
                 verdict = "REFUSED"
                 quantize_model_dir(model_dir, threads=args.threads, measure_s=3.0,
-                                   max_auroc_drop=float("inf"), min_correlation=-1.0)
+                                   max_auroc_drop=float("inf"), min_correlation=-1.0,
+                                   max_margin_shift=float("inf"))
         model, manifest = load_model(model_dir)
         entry = manifest["exports"]["int8"]
         if entry["bounds"]["min_correlation"] < 0:

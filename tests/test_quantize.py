@@ -1,4 +1,5 @@
-"""int8 export: guarded by AUROC and score correlation, run by the opt-in int8 engine."""
+"""int8 export: guarded by AUROC, score correlation and the decision margin, run by the
+opt-in int8 engine."""
 
 import re
 import shutil
@@ -18,6 +19,7 @@ from flawscope.quantize import (
     INT8_FILE,
     MIN_CORRELATION,
     QuantizationRefused,
+    guard,
     quantize_model_dir,
     with_defects,
 )
@@ -28,17 +30,65 @@ SETTINGS = {"image_size": 128}
 
 @pytest.fixture(scope="module")
 def padim_dir(synth_root, tmp_path_factory):
-    """A small PaDiM on the synthetic texture, exported with ``flawscope export --int8``."""
+    """A small PaDiM on the synthetic texture with an int8 graph. int8 moves its good scores
+    by more than the guard allows against its decision margin (measured: 1.26 margins), so
+    ``flawscope export --int8`` refuses it (see the test below); here that bound is lifted
+    to have a graph for testing the int8 engine itself."""
     from click.testing import CliRunner
 
     out = tmp_path_factory.mktemp("int8") / "padim"
     with torch_threads(1):
         fit_model(synth_root / CATEGORY, "padim", out, overrides=SETTINGS,
                   calibration="holdout")  # held-out images for the guard
-        result = CliRunner().invoke(cli, ["export", str(out), "--int8"])
-    assert result.exit_code == 0, result.output
-    assert "AUROC" in result.output and "correlation" in result.output
+        result = CliRunner().invoke(cli, ["export", str(out)])
+        assert result.exit_code == 0, result.output
+        quantize_model_dir(out, max_margin_shift=float("inf"))
     return out
+
+
+def test_export_int8_refuses_a_graph_that_moves_good_scores_across_the_margin(padim_dir,
+                                                                             tmp_path):
+    from click.testing import CliRunner
+
+    work = tmp_path / "padim"
+    shutil.copytree(padim_dir, work)
+    (work / INT8_FILE).unlink()
+    with torch_threads(1):
+        result = CliRunner().invoke(cli, ["export", str(work), "--int8"])
+    assert result.exit_code != 0
+    found = re.search(r"good images' scores moved by (\d+\.\d+) of the decision margin on "
+                      r"average \(bound: at most 0\.1\)", result.output)
+    assert found and float(found.group(1)) > 0.1, result.output
+    assert "AUROC" in result.output and "correlation" in result.output
+    assert not (work / INT8_FILE).exists()
+
+
+class _FixedScores:
+    """A stand-in onnxruntime session whose scores are ``base + offset`` for every image."""
+
+    def __init__(self, base: np.ndarray, offset: float = 0.0):
+        self.scores, self.calls = base + offset, 0
+
+    def run(self, _outputs, feeds):
+        n = len(feeds["images"])
+        out = self.scores[self.calls:self.calls + n].astype(np.float32)
+        self.calls += n
+        return [out, np.zeros((n, 4, 4), np.float32)]
+
+
+def test_guard_bounds_the_mean_move_of_good_scores_by_the_decision_margin():
+    good, defects = torch.zeros(4, 3, 8, 8), torch.zeros(8, 3, 8, 8)
+    base = np.r_[[1.0, 2.0, 3.0, 2.0], np.linspace(10, 20, 8)]
+    # Every score moved up by 0.5 against a margin of 4: a move of 0.125 margins.
+    moved = guard(_FixedScores(base), _FixedScores(base, 0.5), good, defects, margin=4.0)
+    assert moved["margin_shift"] == pytest.approx(0.125)
+    assert moved["auroc_int8"] == moved["auroc_fp32"] == 1.0 and moved["correlation"] > 0.999
+    assert not moved["passed"]  # over the 0.1 bound although AUROC and correlation hold
+    same = guard(_FixedScores(base), _FixedScores(base, 0.3), good, defects, margin=4.0)
+    assert same["margin_shift"] == pytest.approx(0.075) and same["passed"]
+    # Without a threshold there is no margin to keep: only AUROC and correlation count.
+    free = guard(_FixedScores(base), _FixedScores(base, 0.5), good, defects)
+    assert "margin_shift" not in free and free["passed"]
 
 
 def _test_images(synth_root, size):

@@ -453,8 +453,9 @@ def export_cmd(model_dir: Path, fmt: str, out: Path | None, int8: bool,
 
     With --int8 the graph is also quantized (static int8, QDQ, backbone convolutions) and
     checked on held-out good images and synthetic-defect versions of them: it is refused,
-    with the measured figures, if image AUROC drops by more than 0.005 or the correlation of
-    its scores with float32 is below 0.99.
+    with the measured figures, if image AUROC drops by more than 0.005, the correlation of
+    its scores with float32 is below 0.99, or the good images' scores move by more than a
+    tenth of the decision margin (threshold minus the median good score) on average.
     """
     from .export import export_model_dir
 
