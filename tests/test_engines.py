@@ -70,6 +70,27 @@ def test_openvino_engine_gives_the_same_scores_and_decisions(patchcore_dir, synt
     assert torch.equal(s1 > threshold, s2 > threshold)
 
 
+@pytest.mark.parametrize("name", ["onnxruntime", "openvino"])
+def test_exported_engines_score_concurrent_callers_like_one(patchcore_dir, synth_root, name):
+    """With two streams (the service's two scoring threads), batches scored at the same time
+    from two threads get the scores of the same batches scored one at a time."""
+    if name == "openvino" and not openvino_available():
+        pytest.skip("OpenVINO not installed")
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, _ = load_model(patchcore_dir)
+    images, _ = _test_images(synth_root, model.image_size)
+    batches = [images[i:i + 4] for i in range(0, 24, 4)]
+    single = open_engine(model, patchcore_dir, name, threads=2)
+    streams = open_engine(model, patchcore_dir, name, threads=2, streams=2)
+    alone = [single(batch) for batch in batches]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(streams, batches))
+    for (s1, m1), (s2, m2) in zip(alone, together, strict=True):
+        assert torch.allclose(s2, s1, rtol=TOLERANCE, atol=0)
+        assert (m1 - m2).abs().max() <= TOLERANCE * m1.abs().max()
+
+
 def test_export_records_parity_and_speed_in_the_manifest(patchcore_dir):
     entry = read_manifest(patchcore_dir)["exports"]["onnx"]
     assert entry["file"] == "model.onnx" and entry["parity_ok"] is True

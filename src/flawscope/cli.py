@@ -567,8 +567,9 @@ def demo(out: Path, model_name: str, force: bool) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on (0.0.0.0 exposes the service to the network).")
 @click.option("--port", default=8000, show_default=True, help="TCP port to listen on.")
-@click.option("--workers", default=1, show_default=True,
-              help="Scoring threads (each gets cpu_count/workers PyTorch threads).")
+@click.option("--workers", default=2, show_default=True,
+              help="Scoring threads (each gets cpu_count/workers PyTorch threads; an "
+                   "exported engine runs one stream per scoring thread).")
 @click.option("--max-batch", default=16, show_default=True,
               help="Most images of concurrent requests scored together.")
 @click.option("--batch-window-ms", default=5.0, show_default=True,

@@ -170,7 +170,8 @@ class Detector:
         return cls(result.model, manifest, out)
 
     @classmethod
-    def load(cls, directory: str | Path, engine: str = "auto") -> Detector:
+    def load(cls, directory: str | Path, engine: str = "auto", *, threads: int | None = None,
+             streams: int = 1) -> Detector:
         """A model directory written by :meth:`save` or ``flawscope fit``.
 
         ``engine`` runs the scoring graph: ``torch`` (eager), ``onnxruntime`` or ``openvino``
@@ -180,13 +181,15 @@ class Detector:
         ``flawscope export --int8`` wrote and checked (:mod:`flawscope.quantize`). The
         engine scores one blank image here, so one-time set-up (building a backbone,
         allocating buffers) is not paid by the first real image; ``warmup_s`` says how long
-        that took.
+        that took. ``threads`` (default: PyTorch's setting) and ``streams`` (callers that
+        will predict at once, as the service's scoring threads) go to
+        :func:`flawscope.engines.open_engine`.
         """
         from .engines import open_engine
 
         model, manifest = load_model(directory)
         start = time.perf_counter()
-        scorer = open_engine(model, Path(directory), engine)
+        scorer = open_engine(model, Path(directory), engine, threads, streams=streams)
         detector = cls(model, manifest, directory, scorer)
         detector.warmup_s = time.perf_counter() - start
         return detector

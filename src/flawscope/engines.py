@@ -29,7 +29,7 @@ never picks it. A stale or unguarded int8 file is refused like a stale ONNX expo
 from __future__ import annotations
 
 import logging
-import threading
+import queue
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -79,18 +79,20 @@ class OnnxRuntimeEngine:
 
     ``threads`` (default: PyTorch's current setting, so both engines use what the process
     was given) sets onnxruntime's intra-op pool; inter-op is 1 (the graphs are sequential).
-    ``name`` is ``int8`` when the file is the quantized graph.
+    ``streams`` callers at a time share them (a session may be run from several threads), so
+    each run gets ``threads // streams``. ``name`` is ``int8`` when the file is the quantized
+    graph.
     """
 
     name = "onnxruntime"
 
     def __init__(self, path: str | Path, image_size: int, threads: int | None = None,
-                 name: str | None = None):
+                 name: str | None = None, streams: int = 1):
         self.name = name or type(self).name
         self.path = Path(path)
         self.image_size = image_size
         self.threads = threads or torch.get_num_threads()
-        self.session = onnx_session(self.path, self.threads)
+        self.session = onnx_session(self.path, max(1, self.threads // max(1, streams)))
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check_images(images, self.image_size, self.name)
@@ -101,12 +103,19 @@ class OnnxRuntimeEngine:
 class OpenVinoEngine:
     """OpenVINO's CPU runtime on the same exported file (optional: ``pip install
     openvino``), at float32 precision (OpenVINO would otherwise pick bf16 on CPUs
-    that have it, which the parity check did not cover). One inference request, used by one
-    caller at a time."""
+    that have it, which the parity check did not cover).
+
+    ``streams`` inference requests run at once, each on its own share of the ``threads``
+    (one stream: every thread on one call at a time, the lowest latency). Several streams
+    serve several callers, such as the service's scoring threads: on a 2-core AMD EPYC,
+    PatchCore at 256 px scored 84-90 images/s with one stream and 101-103 with two streams
+    and two callers, at batch 1, 4 and 8 alike. A caller waits for a free request.
+    """
 
     name = "openvino"
 
-    def __init__(self, path: str | Path, image_size: int, threads: int | None = None):
+    def __init__(self, path: str | Path, image_size: int, threads: int | None = None,
+                 streams: int = 1):
         try:
             import openvino as ov
         except ImportError:
@@ -116,22 +125,30 @@ class OpenVinoEngine:
         self.image_size = image_size
         self.threads = threads or torch.get_num_threads()
         self.compiled = ov.Core().compile_model(str(self.path), "CPU", openvino_config(
-            self.threads))
-        self.request = self.compiled.create_infer_request()
-        self._lock = threading.Lock()
+            self.threads, streams))
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(max(1, int(streams))):
+            self._free.put(self.compiled.create_infer_request())
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check_images(images, self.image_size, self.name)
-        with self._lock:
-            out = self.request.infer({"images": images.float().contiguous().numpy()})
+        request = self._free.get()
+        try:
+            out = request.infer({"images": images.float().contiguous().numpy()})
             scores, maps = (out[self.compiled.output(k)] for k in ("scores", "maps"))
             return torch.from_numpy(scores.copy()), torch.from_numpy(maps.copy())
+        finally:
+            self._free.put(request)
 
 
-def openvino_config(threads: int) -> dict[str, Any]:
-    """OpenVINO CPU settings: ``threads`` threads, float32, latency (one stream)."""
-    return {"INFERENCE_NUM_THREADS": int(threads), "INFERENCE_PRECISION_HINT": "f32",
-            "PERFORMANCE_HINT": "LATENCY"}
+def openvino_config(threads: int, streams: int = 1) -> dict[str, Any]:
+    """OpenVINO CPU settings: ``threads`` threads, float32; one stream (latency) or
+    ``streams`` of them sharing the threads (throughput)."""
+    config: dict[str, Any] = {"INFERENCE_NUM_THREADS": int(threads),
+                              "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    if streams > 1:
+        config.update(PERFORMANCE_HINT="THROUGHPUT", NUM_STREAMS=int(streams))
+    return config
 
 
 def openvino_available() -> bool:
@@ -209,10 +226,15 @@ def recorded_speeds(manifest: dict[str, Any]) -> dict[str, float]:
 
 
 def open_engine(model: AnomalyModel, model_dir: Path | None, name: str = "auto",
-                threads: int | None = None, warm_up: bool = True) -> Engine:
+                threads: int | None = None, warm_up: bool = True, streams: int = 1) -> Engine:
     """The engine ``name`` (``auto``, ``torch``, ``onnxruntime``, ``openvino``, ``int8``) for
     ``model``, which was loaded from ``model_dir`` (None: a model only in memory, which
     only ``torch`` and ``auto`` can run).
+
+    ``threads`` (default: PyTorch's setting) is what the engine may use in all; ``streams``
+    is how many callers will score at once (the service's scoring threads): the exported
+    engines split their threads between them (eager PyTorch's threads are the process's
+    setting, which the caller divides).
 
     ``warm_up`` scores one blank image before returning, so that one-time work is paid here
     and not by the first real batch: PatchCore and PaDiM build their backbone on first use
@@ -220,7 +242,7 @@ def open_engine(model: AnomalyModel, model_dir: Path | None, name: str = "auto",
     42 s on a loaded machine with a cold disk cache), and both engines allocate their
     buffers on the first call.
     """
-    engine = _open_engine(model, model_dir, name, threads)
+    engine = _open_engine(model, model_dir, name, threads, max(1, int(streams)))
     if warm_up:
         size = model.image_size
         blank = torch.zeros(1, 3, size, size)
@@ -232,7 +254,7 @@ def open_engine(model: AnomalyModel, model_dir: Path | None, name: str = "auto",
 
 
 def _open_engine(model: AnomalyModel, model_dir: Path | None, name: str,
-                 threads: int | None) -> Engine:
+                 threads: int | None, streams: int) -> Engine:
     if name not in ENGINES:
         raise EngineError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
     if name == "torch" or (name == "auto" and model_dir is None):
@@ -247,7 +269,7 @@ def _open_engine(model: AnomalyModel, model_dir: Path | None, name: str,
         if path is None:
             raise EngineError(f"cannot use the int8 engine: {why}; run `flawscope export "
                               f"{model_dir} --int8` (or use another --engine)")
-        return OnnxRuntimeEngine(path, model.image_size, threads, name="int8")
+        return OnnxRuntimeEngine(path, model.image_size, threads, name="int8", streams=streams)
     path, why = onnx_export_status(model_dir, manifest)
     if name in FILE_ENGINES:
         if path is None:
@@ -257,7 +279,7 @@ def _open_engine(model: AnomalyModel, model_dir: Path | None, name: str,
             raise EngineError(f"cannot use the openvino engine: the export of {model_dir} "
                               "was not checked with OpenVINO (install it, then run "
                               f"`flawscope export {model_dir}` again)")
-        return _FILE_ENGINE[name](path, model.image_size, threads)
+        return _FILE_ENGINE[name](path, model.image_size, threads, streams=streams)
     # auto
     if path is None:
         if "no ONNX export" not in why:
@@ -272,7 +294,7 @@ def _open_engine(model: AnomalyModel, model_dir: Path | None, name: str,
     best = max(usable, key=usable.get)
     if best == "torch":
         return TorchEngine(model)
-    return _FILE_ENGINE[best](path, model.image_size, threads)
+    return _FILE_ENGINE[best](path, model.image_size, threads, streams=streams)
 
 
 def _openvino_parity_ok(manifest: dict[str, Any]) -> bool:

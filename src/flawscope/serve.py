@@ -23,16 +23,11 @@ empty upload, 422 when the ``file`` field is missing.
 
 Uploads are decoded and answers (heat-map PNGs) encoded in a pool of threads (PIL releases
 the GIL); scoring goes through a :class:`MicroBatcher`, which scores the images of concurrent
-requests together in ``workers`` scoring threads, each with ``cpu_count // workers`` PyTorch
-threads so they do not fight over cores. One scoring thread (the default) suits the exported
-engines: an OpenVINO or onnxruntime session already uses every core it is given, and with two
-scorers of one thread each the OpenVINO engine (one inference request, used by one caller at
-a time) ran one batch at a time on one core: 48 against 62 requests/s in the load test below.
-
-Measured with ``benchmarks/load_test.py`` (8 concurrent clients on the same 2-core AMD EPYC,
-PatchCore fitted on 60 synthetic 256-px images, 10% of the requests malformed): 61 requests/s,
-p99 194 ms with the OpenVINO engine ``auto`` picked and uvicorn's httptools parser and uvloop
-(dependencies, picked by uvicorn automatically); the pure-Python h11 parser gave 48.
+requests together in ``workers`` scoring threads (default 2), each with ``cpu_count //
+workers`` PyTorch threads so they do not fight over cores; an exported engine gets every
+core and one stream per scoring thread (:func:`flawscope.engines.open_engine`), so two
+batches are scored at once, each on its share of the cores: while one thread waits for the
+next batch to fill, the other keeps the cores busy.
 """
 
 from __future__ import annotations
@@ -61,7 +56,11 @@ from .geometry import check_grid
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_MB = 20.0
-DEFAULT_WORKERS = 1
+#: Two scoring threads: with 8 concurrent clients on a 2-core AMD EPYC (PatchCore, 256 px)
+#: the service answered 31 requests/s with two eager PyTorch scorers of one thread each
+#: against 24.5 with one of two threads; OpenVINO scored 101-103 images/s with two streams
+#: and two callers against 84-90 with one.
+DEFAULT_WORKERS = 2
 DEFAULT_MAX_BATCH = 16
 DEFAULT_BATCH_WINDOW_MS = 5.0
 #: Room for the multipart envelope (boundaries, part headers) on top of the file itself.
@@ -174,11 +173,12 @@ class Predictor:
 
         from .detector import Detector
 
-        threads = torch_threads or max(1, (os.cpu_count() or 1) // max(1, int(workers)))
-        torch.set_num_threads(threads)
-        self.detector = Detector.load(model_dir, engine)
-        self.detector.max_pixels, self.detector.min_side = max_pixels, min_side
         self.workers = max(1, int(workers))
+        threads = torch_threads or max(1, (os.cpu_count() or 1) // self.workers)
+        torch.set_num_threads(threads)
+        self.detector = Detector.load(model_dir, engine, threads=threads * self.workers,
+                                      streams=self.workers)
+        self.detector.max_pixels, self.detector.min_side = max_pixels, min_side
         self.max_pixels = max_pixels
         self.min_side = min_side
         # Enough decoding threads that concurrent uploads reach the batcher together.
