@@ -240,16 +240,18 @@ def open_engine(model: AnomalyModel, model_dir: Path | None, name: str = "auto",
     and not by the first real batch: PatchCore and PaDiM build their backbone on first use
     (importing timm and torchvision, loading and folding the weights: 2 s or more, measured
     42 s on a loaded machine with a cold disk cache), and both engines allocate their
-    buffers on the first call.
+    buffers on the first call (OpenVINO each stream's: the calls take its requests in turn).
     """
     engine = _open_engine(model, model_dir, name, threads, max(1, int(streams)))
     if warm_up:
         size = model.image_size
         blank = torch.zeros(1, 3, size, size)
-        if model.tile_grid is None:
-            engine(blank)
-        else:  # statistics per tile position: a tile needs its place in the grid
-            model.score_tiles(blank, model.tile_grid, torch.zeros(1, dtype=torch.long), engine)
+        for _ in range(max(1, int(streams))):  # one call per stream: each has its buffers
+            if model.tile_grid is None:
+                engine(blank)
+            else:  # statistics per tile position: a tile needs its place in the grid
+                model.score_tiles(blank, model.tile_grid, torch.zeros(1, dtype=torch.long),
+                                  engine)
     return engine
 
 
