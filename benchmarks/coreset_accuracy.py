@@ -41,6 +41,12 @@ def feature_batches(features: torch.Tensor, batch: int = 16):
         yield emb, torch.arange(start, start + len(emb))
 
 
+def method_key(row: dict) -> tuple[str, float]:
+    """``(method, coreset ratio)`` of a result line (lines written before ``--ratios``
+    existed were at the default of that time, 0.1)."""
+    return row["method"], row.get("ratio", 0.1)
+
+
 def evaluate(model, test_features: torch.Tensor, labels: list[int], masks: np.ndarray,
              batch: int = 32) -> tuple[float, float]:
     scores, maps = [], []
@@ -74,7 +80,7 @@ def main() -> None:
         for line in args.out.read_text().splitlines():
             r = json.loads(line)
             if r["category"] == str(args.data):
-                done.add((r["method"], r.get("ratio", 0.1), r["seed"]))
+                done.add((*method_key(r), r["seed"]))
     print(f"CPU: {cpu_model()}, {args.threads} threads; {args.data}: "
           f"{len(category.train)} train, {len(category.test)} test images", flush=True)
     start = time.perf_counter()
@@ -113,8 +119,8 @@ def main() -> None:
     if args.out:
         rows = [json.loads(line) for line in args.out.read_text().splitlines()]
         rows = [r for r in rows if r["category"] == str(args.data)]
-        for method, ratio in dict.fromkeys((r["method"], r.get("ratio", 0.1)) for r in rows):
-            same = [r for r in rows if (r["method"], r.get("ratio", 0.1)) == (method, ratio)]
+        for method, ratio in dict.fromkeys(method_key(r) for r in rows):
+            same = [r for r in rows if method_key(r) == (method, ratio)]
             a = [r["image_auroc"] for r in same]
             p = [r["aupro"] for r in same]
             print(f"{method}@{ratio}: {len(a)} seeds, image AUROC {np.mean(a):.4f} "

@@ -126,8 +126,9 @@ class OpenVinoEngine:
         self.threads = threads or torch.get_num_threads()
         self.compiled = ov.Core().compile_model(str(self.path), "CPU", openvino_config(
             self.threads, streams))
+        self.streams = max(1, int(streams))
         self._free: queue.Queue = queue.Queue()
-        for _ in range(max(1, int(streams))):
+        for _ in range(self.streams):
             self._free.put(self.compiled.create_infer_request())
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,13 +241,15 @@ def open_engine(model: AnomalyModel, model_dir: Path | None, name: str = "auto",
     and not by the first real batch: PatchCore and PaDiM build their backbone on first use
     (importing timm and torchvision, loading and folding the weights: 2 s or more, measured
     42 s on a loaded machine with a cold disk cache), and both engines allocate their
-    buffers on the first call (OpenVINO each stream's: the calls take its requests in turn).
+    buffers on the first call.
     """
     engine = _open_engine(model, model_dir, name, threads, max(1, int(streams)))
     if warm_up:
         size = model.image_size
         blank = torch.zeros(1, 3, size, size)
-        for _ in range(max(1, int(streams))):  # one call per stream: each has its buffers
+        # One call per OpenVINO stream, each with its own buffers (the calls take its
+        # requests in turn); the other engines share theirs between callers.
+        for _ in range(getattr(engine, "streams", 1)):
             if model.tile_grid is None:
                 engine(blank)
             else:  # statistics per tile position: a tile needs its place in the grid

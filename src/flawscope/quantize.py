@@ -32,7 +32,6 @@ images each graph flags at the threshold).
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 
 from .errors import FlawscopeError
+from .threshold import decision_margin
 
 #: File name of the int8 graph inside a model directory, beside ``model.onnx``.
 INT8_FILE = "model.int8.onnx"
@@ -328,14 +328,6 @@ def _good_paths(model_dir: Path, manifest: dict[str, Any],
 
 
 # ---------------------------------------------------------------------------- the command
-def decision_margin(threshold: dict[str, Any]) -> float | None:
-    """Threshold minus the median good calibration score, from a manifest's threshold entry
-    (its normalized-score ``scale`` is that margin / ln 9); None without one."""
-    if threshold.get("value") is None or not threshold.get("scale"):
-        return None
-    return float(threshold["scale"]) * math.log(9)
-
-
 def quantize_model_dir(model_dir: str | Path, calibration_data: str | Path | None = None,
                        max_auroc_drop: float = MAX_AUROC_DROP,
                        min_correlation: float = MIN_CORRELATION,

@@ -129,6 +129,16 @@ def _scale(threshold: float, good: np.ndarray) -> float:
     return max(abs(threshold) * 1e-3, 1e-12)
 
 
+def decision_margin(threshold: dict[str, Any]) -> float | None:
+    """How far a typical good part scores below the threshold, from a manifest's threshold
+    entry: ``ln 9`` times its normalized-score ``scale`` (see :func:`_scale`), i.e. the
+    threshold minus the median good calibration score where that is positive. None for an
+    entry without a threshold."""
+    if threshold.get("value") is None or not threshold.get("scale"):
+        return None
+    return float(threshold["scale"]) * _LN9
+
+
 def gaussian_tail(scores: Sequence[float], alpha: float) -> float:
     """``mean + z_(1-alpha) * std`` of the scores, never below the highest one."""
     good = np.asarray(scores, dtype=np.float64)
