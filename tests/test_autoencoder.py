@@ -10,7 +10,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import fast_preset_auroc
+from conftest import fast_preset_auroc, shared_category, torch_threads
 from sklearn.metrics import roc_auc_score
 
 from flawscope.data import ImageDataset, open_category
@@ -314,3 +314,24 @@ def test_l2_fast_preset_detects_on_the_default_synthetic_object(tmp_path):
     another CPU's rounding and sit above the preset's target of 0.75 on average."""
     aurocs = [fast_preset_auroc(tmp_path, "ae_l2", data_seed) for data_seed in (0, 3)]
     assert min(aurocs) >= 0.80 and float(np.mean(aurocs)) >= 0.82, aurocs
+
+
+@pytest.mark.slow
+def test_ssim_aligned_preset_beats_the_per_pixel_baseline_on_the_aligned_toothbrush():
+    """``ae_ssim``'s ``aligned`` preset (64 px, no mirrored training images, map standardized
+    per pixel) on MVTec AD toothbrush, a part in a fixed pose: measured 0.986 against the
+    per-pixel ``gaussian`` baseline's 0.886 (AMD EPYC; the ``fast`` preset scores 0.514).
+    The bars leave margin for another CPU's rounding."""
+    category = open_category(shared_category("mvtec_ad", "toothbrush"))
+    labels = np.array([t.is_anomalous for t in category.test])
+
+    def auroc(name: str, preset: str | None) -> float:
+        model = get_model_class(name).from_settings(preset)
+        with torch_threads(2):
+            model.fit(ImageDataset(category.train, model.image_size))
+        images = torch.stack([ImageDataset([t.path], model.image_size)[0]
+                              for t in category.test])
+        return float(roc_auc_score(labels, model.score_tensor(images)[0].numpy()))
+
+    aligned, baseline = auroc("ae_ssim", "aligned"), auroc("gaussian", None)
+    assert aligned >= 0.93 and aligned >= baseline + 0.03, (aligned, baseline)
