@@ -66,7 +66,9 @@ Assumptions where the paper is silent or differs from the seed:
 lr 1e-3, random horizontal flip). ``fast`` (the default) of ``ae_l2``: 32 px, 240 batches of
 16, map standardized per pixel by the good images, about 5 s on 2 CPU cores
 (:data:`L2_FAST` has the measurements). ``fast`` of ``ae_ssim``: 32 px, 480 batches of 16,
-raw SSIM map, about 30 s on 2 CPU cores (:data:`SSIM_FAST`).
+raw SSIM map, about 30 s on 2 CPU cores (:data:`SSIM_FAST`). ``aligned`` of ``ae_ssim``, for
+parts photographed in one fixed pose: the fast preset at 64 px, without mirrored training
+images, its map standardized per pixel (:data:`SSIM_ALIGNED`).
 
 **Training** runs in the shared loop of :mod:`flawscope.trainloop`. It draws every random
 number (image order, flips) from one generator seeded by ``seed``; initial weights come from
@@ -528,7 +530,11 @@ SSIM_FAST = {"image_size": 32, "latent_dim": 100, "epochs": 32, "batch_size": 16
 #:   flips 0.897; 64 px without: 0.925 / 0.934 (seeds 0 / 1): this preset; 64 epochs 0.937 /
 #:   0.918; 128 px 0.914; latent 256 0.895, latent 32 0.903 (64 epochs); smoothing 2 px 0.920;
 #:   the per-pixel ``gaussian`` baseline scores 0.957;
-#: - toothbrush (48): 0.986 (fast 0.514, ``gaussian`` 0.886).
+#: - toothbrush (48): 0.986 (fast 0.514, ``gaussian`` 0.886);
+#: - through ``flawscope benchmark`` at 2 threads: welding 0.942 (``gaussian`` 0.953),
+#:   toothbrush 0.983 (0.881);
+#: - the default synthetic_object, which is not in one pose (10 runs as for the fast
+#:   preset): 0.728 / worst 0.632, below the fast preset's 0.878.
 #: A likely reason (not measured further): a mirrored seam or brush is not a normal view of
 #: it, and a network taught to reconstruct both reconstructs more of what is not normal.
 SSIM_ALIGNED = {**SSIM_FAST, "image_size": 64, "hflip": False,
