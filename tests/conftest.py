@@ -37,20 +37,29 @@ def fast_preset_auroc(root: Path, model: str, data_seed: int, train_seed: int = 
     """Image AUROC of ``model``'s ``fast`` preset as shipped, fitted with 2 threads (the
     presets' measured setting) on the default ``flawscope synth`` synthetic_object of
     ``data_seed`` (written under ``root``): one run of ``benchmarks/fast_presets.py``."""
-    import numpy as np
-    from sklearn.metrics import roc_auc_score
 
-    from flawscope.data import ImageDataset, open_category
+    from flawscope.data import open_category
     from flawscope.models import get_model_class
 
     generate(root / str(data_seed), SynthSpec(seed=data_seed), categories=("synthetic_object",))
     category = open_category(root / str(data_seed) / "synthetic_object")
-    fitted = get_model_class(model).from_settings("fast", {"seed": train_seed})
+    return fitted_image_auroc(get_model_class(model).from_settings("fast", {"seed": train_seed}),
+                              category)
+
+
+def fitted_image_auroc(model, category) -> float:
+    """Image AUROC on ``category``'s test set of ``model`` fitted with 2 threads on its
+    training images."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from flawscope.data import ImageDataset
+
     with torch_threads(2):
-        fitted.fit(ImageDataset(category.train, fitted.image_size))
-    images = torch.stack([ImageDataset([t.path], fitted.image_size)[0] for t in category.test])
+        model.fit(ImageDataset(category.train, model.image_size))
+    images = torch.stack([ImageDataset([t.path], model.image_size)[0] for t in category.test])
     labels = np.array([t.is_anomalous for t in category.test])
-    return float(roc_auc_score(labels, fitted.score_tensor(images)[0].numpy()))
+    return float(roc_auc_score(labels, model.score_tensor(images)[0].numpy()))
 
 
 def shared_category(*parts: str) -> Path:

@@ -10,7 +10,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import fast_preset_auroc, shared_category, torch_threads
+from conftest import fast_preset_auroc, fitted_image_auroc, shared_category
 from sklearn.metrics import roc_auc_score
 
 from flawscope.data import ImageDataset, open_category
@@ -323,15 +323,6 @@ def test_ssim_aligned_preset_beats_the_per_pixel_baseline_on_the_aligned_toothbr
     per-pixel ``gaussian`` baseline's 0.886 (AMD EPYC; the ``fast`` preset scores 0.514).
     The bars leave margin for another CPU's rounding."""
     category = open_category(shared_category("mvtec_ad", "toothbrush"))
-    labels = np.array([t.is_anomalous for t in category.test])
-
-    def auroc(name: str, preset: str | None) -> float:
-        model = get_model_class(name).from_settings(preset)
-        with torch_threads(2):
-            model.fit(ImageDataset(category.train, model.image_size))
-        images = torch.stack([ImageDataset([t.path], model.image_size)[0]
-                              for t in category.test])
-        return float(roc_auc_score(labels, model.score_tensor(images)[0].numpy()))
-
-    aligned, baseline = auroc("ae_ssim", "aligned"), auroc("gaussian", None)
+    aligned = fitted_image_auroc(get_model_class("ae_ssim").from_settings("aligned"), category)
+    baseline = fitted_image_auroc(get_model_class("gaussian").from_settings(None), category)
     assert aligned >= 0.93 and aligned >= baseline + 0.03, (aligned, baseline)
