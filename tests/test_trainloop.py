@@ -23,7 +23,7 @@ N, BATCH, BATCHES, EPOCHS, LR = 12, 4, 3, 4, 0.05
 class Toy:
     """Least squares ``y = x·w`` by SGD in a TrainLoop; ``loss_at`` overrides step losses."""
 
-    def __init__(self, workdir=None, loss_at=None, lr_at=None, epochs=EPOCHS):
+    def __init__(self, workdir=None, loss_at=None, lr_at=None, epochs=EPOCHS, collapsed_at=None):
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(N, 2, generator=g)
         self.y = self.x @ torch.tensor([1.0, -2.0])
@@ -41,7 +41,8 @@ class Toy:
             epoch_order=lambda g: torch.randperm(N, generator=g),
             batch=lambda order, b: order[b * BATCH:(b + 1) * BATCH], step=self.step,
             monitor="loss", checkpoint=workdir / "ckpt.pt" if workdir else None,
-            fingerprint="toy", csv=workdir / "losses.csv" if workdir else None)
+            fingerprint="toy", csv=workdir / "losses.csv" if workdir else None,
+            collapsed_at=collapsed_at)
 
     def step(self, idx: torch.Tensor, n_step: int) -> dict[str, float]:
         self.steps.append(n_step)
@@ -102,6 +103,24 @@ def test_a_best_epoch_whose_last_update_broke_the_weights_is_not_gone_back_to():
     assert toy.steps == [*range(1, 10), *range(4, 13)]
     assert toy.loop.pos["recoveries"] == 1
     assert [r["loss"] for r in history] == pytest.approx([1.0, 0.5, 0.45, 0.4])
+
+
+def test_a_loss_at_the_collapsed_level_is_a_divergence_once_training_got_below_it():
+    # ae_ssim's collapse: 1 - SSIM went from 0.57 to 1.0 (a constant output), a rise under
+    # the jump factor. With collapsed_at=0.99 epoch 4's 1.0 is a divergence; the first epoch's
+    # 1.0 (an untrained network) is not, nothing having been below the level yet. Epoch 3's
+    # end is never vouched for (the next step reports 1.0), so training goes back to epoch 2's.
+    losses = scripted(1.0, 0.6, 0.55, 1.0, 0.5, 0.45)
+    toy = Toy(loss_at=losses, collapsed_at=0.99)
+    history = toy.loop.run()
+    assert toy.steps == [*range(1, 13), *range(7, 13)]
+    assert toy.loop.pos["recoveries"] == 1
+    assert toy.opt.param_groups[0]["lr"] == LR * LR_FACTOR
+    assert [r["loss"] for r in history] == pytest.approx([1.0, 0.6, 0.5, 0.45])
+    # Without the level the same rise (1.8 times the low) passes as noise.
+    plain = Toy(loss_at=losses)
+    assert [r["loss"] for r in plain.loop.run()] == pytest.approx([1.0, 0.6, 0.55, 1.0])
+    assert plain.loop.pos["recoveries"] == 0
 
 
 def test_a_divergence_that_persists_stops_with_an_error_naming_epoch_and_loss():

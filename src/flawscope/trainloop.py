@@ -16,7 +16,9 @@ One loop owns everything around the optimizer steps, so every model gets it the 
   checkpoint is then what a new run resumes from.
 - **Files**: the per-epoch loss means as CSV, and a picture hook called every
   ``picture_every`` epochs and at the first and last.
-- **Divergence** cannot pass silently (see :data:`JUMP_FACTOR` for the rule). On divergence the
+- **Divergence** cannot pass silently (see :data:`JUMP_FACTOR` for the rule, and
+  ``collapsed_at`` for a loss whose model knows the value of a network that has lost its
+  input). On divergence the
   loop goes back to the best state so far (the end of the epoch with the lowest ``monitor``
   loss, once the next step's loss has vouched for it; without a monitor, the end of the last
   epoch that passed the checks and whose next step was finite), multiplies every
@@ -132,7 +134,8 @@ class TrainLoop:
                  pictures: Callable[[int, list[dict[str, float]]], None] | None = None,
                  picture_every: int = 0,
                  upgrade: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                 what: str = "training", checkpoint_every_s: float = 0.0) -> None:
+                 what: str = "training", checkpoint_every_s: float = 0.0,
+                 collapsed_at: float | None = None) -> None:
         self.desc = desc
         self.modules = modules
         self.optimizers = optimizers
@@ -150,6 +153,14 @@ class TrainLoop:
         self.picture_every = int(picture_every)
         self.upgrade = upgrade
         self.what = what
+        #: ``monitor`` value of a network that no longer depends on its input (ae_ssim's
+        #: 1 - SSIM is 1 for a constant reconstruction): once an epoch has been below it, an
+        #: epoch mean at or above it is a divergence, however small the jump (an untrained
+        #: network may start there). ae_ssim's paper preset on the synthetic part
+        #: went 0.57 -> 1.05 -> 1.0 for every later epoch, a jump of 1.8 times, under
+        #: JUMP_FACTOR; a jump rule tight enough to catch it would fire on f-AnoGAN's encoder
+        #: loss, which measured jumps of 1.96 times in a run that trained well.
+        self.collapsed_at = collapsed_at
         #: A checkpoint after an epoch only once this many seconds passed since the last one
         #: (always after the last epoch and on Ctrl-C); 0 = after every epoch.
         self.checkpoint_every_s = float(checkpoint_every_s)
@@ -222,12 +233,21 @@ class TrainLoop:
                     raise _Diverged(f"non-finite weights in {key}.{name}")
         if self.monitor is None or self.monitor not in means:
             return
-        recent = [row[self.monitor] for row in self.pos["history"][-JUMP_WINDOW:]
-                  if self.monitor in row]
-        value = means[self.monitor]
+        broken = self._broken(means[self.monitor], self.pos["history"])
+        if broken:
+            raise _Diverged(broken)
+
+    def _broken(self, value: float, history: list[dict[str, float]]) -> str | None:
+        """Why a ``monitor`` value after ``history`` means divergence, or None."""
+        if (self.collapsed_at is not None and value >= self.collapsed_at
+                and any(row.get(self.monitor, math.inf) < self.collapsed_at for row in history)):
+            return (f"{self.monitor} {value:.4g}, at or above {self.collapsed_at:g}: the "
+                    f"network no longer depends on its input")
+        recent = [row[self.monitor] for row in history[-JUMP_WINDOW:] if self.monitor in row]
         if recent and value > JUMP_FACTOR * min(recent):
-            raise _Diverged(f"{self.monitor} {value:.4g}, more than {JUMP_FACTOR:g} times its "
-                           f"recent low of {min(recent):.4g}")
+            return (f"{self.monitor} {value:.4g}, more than {JUMP_FACTOR:g} times its recent "
+                    f"low of {min(recent):.4g}")
+        return None
 
     def _recover(self, epoch: int, what: str) -> None:
         """Back to the last good state with lower learning rates, or a clear error."""
@@ -331,16 +351,15 @@ class TrainLoop:
             self._candidate = self._state()
 
     def _vouch(self, losses: dict[str, float]) -> None:
-        """The first step after a candidate decides: a finite loss within the jump rule makes
-        the candidate the best state; otherwise the candidate is dropped."""
+        """The first step after a candidate decides: a finite loss within the jump rule (and
+        below ``collapsed_at``) makes the candidate the best state; otherwise the candidate
+        is dropped."""
         if self._candidate is None:
             return
         candidate, self._candidate = self._candidate, None
-        if self.monitor is not None and self.monitor in losses:
-            recent = [row[self.monitor] for row in candidate["pos"]["history"][-JUMP_WINDOW:]
-                      if self.monitor in row]
-            if recent and losses[self.monitor] > JUMP_FACTOR * min(recent):
-                return
+        if self.monitor is not None and self.monitor in losses and self._broken(
+                losses[self.monitor], candidate["pos"]["history"]):
+            return
         self._best = candidate
 
     def _stop(self) -> None:

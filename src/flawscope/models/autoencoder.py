@@ -272,6 +272,10 @@ class _Autoencoder(AnomalyModel):
         #: Per-epoch mean training loss of the last fit: [{"epoch": 1, "loss": ...}, ...].
         self.history: list[dict[str, float]] = []
 
+    #: Training loss of a network whose reconstruction no longer depends on its input
+    #: (see ``TrainLoop``'s ``collapsed_at``); None where no such value is known.
+    collapsed_loss: ClassVar[float | None] = None
+
     # ------------------------------------------------------------------ what differs
     @abstractmethod
     def loss(self, x01: torch.Tensor, rec01: torch.Tensor) -> torch.Tensor:
@@ -442,7 +446,7 @@ class _Autoencoder(AnomalyModel):
             fingerprint=self._fingerprint(data),
             csv=workdir / "losses.csv" if workdir else None,
             pictures=pictures if workdir else None, picture_every=c.picture_every,
-            upgrade=_upgrade_checkpoint,
+            upgrade=_upgrade_checkpoint, collapsed_at=self.collapsed_loss,
             checkpoint_every_s=GPU_CHECKPOINT_EVERY_S if device.type == "cuda" else 0.0)
         self.history = loop.run()
 
@@ -551,6 +555,9 @@ class SSIMAutoencoder(_Autoencoder):
     Config = SSIMAEConfig
     loss_name = "1 - SSIM"
     presets = {"paper": {}, "fast": SSIM_FAST, "aligned": SSIM_ALIGNED}
+    #: SSIM of 0.01 or less over a whole epoch: no structure of the input left in the
+    #: reconstruction (a constant output scores 1 - SSIM = 1.0 on textured images).
+    collapsed_loss = 0.99
 
     def loss(self, x01: torch.Tensor, rec01: torch.Tensor) -> torch.Tensor:
         return 1 - ssim_map(x01, rec01).mean()
