@@ -111,6 +111,8 @@ TINY = {"ae_l2": {"image_size": 64, "epochs": 1, "batches_per_epoch": 1, "batch_
         "patchcore:ensemble": {"image_size": 64,
                                "backbone": "efficientnet_lite0+efficientnet_lite2"},
         "patchcore:reweight": {"image_size": 96, "reweight": True, "coreset_ratio": 0.25},
+        # each image standardized to one mean and spread inside the graph
+        "patchcore:standardized": {"image_size": 64, "intensity": "standardized"},
         "simplenet": {"image_size": 64, "epochs": 1, "batches_per_epoch": 2, "batch_size": 256}}
 #: Fitted before export: the backbone models, and simplenet, whose feature standardization
 #: and batch-norm statistics come from its training features.

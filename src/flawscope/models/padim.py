@@ -48,7 +48,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..backbones import EnsembleExtractor, FeatureExtractor, create_extractor, feature_channels
+from ..backbones import (
+    EnsembleExtractor,
+    FeatureExtractor,
+    check_intensity,
+    create_extractor,
+    feature_channels,
+)
 from ..errors import FlawscopeError, ModelFileError, TileGridError
 from ..geometry import TileDataset, TileGrid, grid_mismatch
 from . import register
@@ -70,6 +76,8 @@ class PadimConfig:
     backbone: str = "efficientnet_lite0"
     #: Block groups (strides 4, 8, 16 for EfficientNet-Lite: 24 + 40 + 112 channels).
     stages: tuple[int, ...] = (1, 2, 4)
+    #: "raw" or "standardized": as patchcore's ``intensity``.
+    intensity: str = "raw"
     #: Channels kept from the concatenated features (the paper's d = 100 for ResNet-18).
     n_features: int = 100
     #: Added to the covariance diagonal (the paper's 0.01).
@@ -100,6 +108,7 @@ class PadimModel(AnomalyModel):
 
     def __init__(self, config: PadimConfig | None = None):
         super().__init__(config)
+        check_intensity(self.config.intensity)
         # an ensemble's maps hold every member's channels
         total = sum(feature_channels(self.config.backbone, tuple(self.config.stages)))
         if not 1 <= self.config.n_features <= total:
@@ -126,7 +135,8 @@ class PadimModel(AnomalyModel):
     def extractor(self) -> FeatureExtractor | EnsembleExtractor:
         if self._extractor is None:
             self._extractor = create_extractor(self.config.backbone, tuple(self.config.stages),
-                                               channels_last=self.config.channels_last)
+                                               channels_last=self.config.channels_last,
+                                               intensity=self.config.intensity)
             # the channel subset was drawn from feature_channels: it must be the real count
             assert sum(self._extractor.channels) == sum(
                 feature_channels(self.config.backbone, tuple(self.config.stages)))

@@ -92,7 +92,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..backbones import STAGE_CHANNELS, create_extractor, feature_channels
+from ..backbones import STAGE_CHANNELS, check_intensity, create_extractor, feature_channels
 from ..errors import FlawscopeError
 from ..trainloop import TrainLoop
 from . import register
@@ -149,6 +149,8 @@ class SimpleNetConfig:
     backbone: str = "efficientnet_lite0"
     #: Block groups whose outputs make the patch features (as patchcore's).
     stages: tuple[int, ...] = (2, 4)
+    #: "raw" or "standardized": as patchcore's ``intensity``.
+    intensity: str = "raw"
     #: Feature scaling before the adaptor: "global" (each channel to mean 0, all divided by
     #: one common standard deviation: the channels keep their relative spreads, so the noise
     #: is isotropic in the backbone's own feature space, as in the paper, where it is added to
@@ -232,6 +234,7 @@ class SimpleNetModel(AnomalyModel):
 
     def __init__(self, config: SimpleNetConfig | None = None):
         super().__init__(config)
+        check_intensity(self.config.intensity)
         c = self.config
         for key in ("epochs", "batch_size", "feature_batch"):
             if int(getattr(c, key)) < 1:
@@ -263,7 +266,8 @@ class SimpleNetModel(AnomalyModel):
     def extractor(self) -> torch.nn.Module:
         if self._extractor is None:
             self._extractor = create_extractor(self.config.backbone, tuple(self.config.stages),
-                                               channels_last=self.config.channels_last)
+                                               channels_last=self.config.channels_last,
+                                               intensity=self.config.intensity)
         return self._extractor
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
