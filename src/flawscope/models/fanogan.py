@@ -94,7 +94,11 @@ class FAnoGANConfig:
     #: fixed G, not a two-player game, so a short run can afford a larger step.
     encoder_lr: float = 0.0
     #: Image score: ``izi_f`` (the paper's ``A_R + kappa·A_D``), or a reduction of the
-    #: anomaly map as in the autoencoders: ``max``, ``mean`` or ``topk``.
+    #: anomaly map as in the autoencoders: ``max``, ``mean`` or ``topk``. ``izi_f`` averages
+    #: the residual over the whole image, which dilutes small defects: the ``paper`` preset
+    #: on the synthetic part (seed 0, 60 images, 1,500 + 200 epochs) scores pixel AUROC 0.997
+    #: but image AUROC 0.628 with ``izi_f``, and 0.735 / 0.807 / 0.643 with ``max`` /
+    #: ``topk`` / ``mean`` of the same maps.
     score_reduction: str = "izi_f"
     #: Fraction of pixels averaged by ``score_reduction=topk``.
     score_topk: float = 0.01
