@@ -2,8 +2,9 @@
 structure?
 
 The per-pixel Gaussian scores a pixel by how far its intensity lies from that pixel's mean
-over the good training images. Fitted here (the same z-score, channel mean, 2-px smoothing
-and maximum as ``flawscope.models.gaussian``, 128 px) on three versions of every image:
+over the good training images. ``flawscope.models.gaussian`` itself (its defaults: 128 px,
+2-px smoothing of the map, image score its maximum) is fitted here on three versions of
+every image:
 
 - ``raw``: the image itself;
 - ``brightness``: the image blurred with a Gaussian of ``s`` pixels, i.e. only its local
@@ -31,6 +32,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from flawscope.data import ImageDataset, open_category
 from flawscope.metrics import image_auroc
+from flawscope.models.gaussian import GaussianConfig, GaussianModel
 
 
 def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -39,10 +41,10 @@ def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def per_pixel_gaussian_scores(train: torch.Tensor, test: torch.Tensor) -> list[float]:
-    """Image scores of the per-pixel Gaussian fitted on ``train`` (as the gaussian model)."""
-    mean, std = train.mean(0), train.std(0).clamp_min(0.02)
-    z = ((test - mean).abs() / std).mean(1, keepdim=True)
-    return blur(z, 2.0).amax(dim=(1, 2, 3)).tolist()
+    """Image scores of the ``gaussian`` model fitted on ``train``, for ``test``."""
+    model = GaussianModel(GaussianConfig(image_size=train.shape[-1]))
+    model.fit(train)
+    return model.score_batch(test)[0].tolist()
 
 
 def main() -> None:

@@ -538,7 +538,7 @@ SSIM_FAST = {"image_size": 32, "latent_dim": 100, "epochs": 32, "batch_size": 16
 #:   the per-pixel ``gaussian`` baseline scores 0.957. Its welding defects are changes of
 #:   local brightness, which SSIM hardly weighs: the baseline on blurred images keeps 0.957,
 #:   on the images minus their blur it drops to 0.72 (benchmarks/brightness_or_structure.py;
-#:   toothbrush the other way round, 0.74 and 0.95);
+#:   toothbrush the other way round, 0.74 and 0.96);
 #: - toothbrush (48): 0.986 (fast 0.514, ``gaussian`` 0.886);
 #: - through ``flawscope benchmark`` (4-5 images held out for the threshold): welding 0.942
 #:   (``gaussian`` 0.953), toothbrush 0.983 (0.881);
