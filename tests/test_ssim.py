@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from flawscope.ssim import gaussian_window, ssim, ssim_loss, ssim_map
+from flawscope.ssim import gaussian_window, separable_blur, ssim, ssim_loss, ssim_map
 
 
 def images(seed: int, shape=(2, 3, 40, 48)) -> torch.Tensor:
@@ -66,3 +66,14 @@ def test_ssim_loss_gradients_are_finite(same):
     flat = torch.zeros(1, 3, 16, 16, requires_grad=True)  # zero variance: still finite
     ssim_loss(torch.zeros(1, 3, 16, 16), flat).backward()
     assert torch.isfinite(flat.grad).all()
+
+
+@pytest.mark.parametrize("side", [24, 300])  # the matrix path and the convolution path
+@pytest.mark.parametrize("pad_mode", ["reflect", "replicate", "constant"])
+def test_blur_is_the_padded_depthwise_convolution_at_every_size(side, pad_mode):
+    x = images(6, (2, 3, side, side + 8))
+    w = gaussian_window()
+    kernel = torch.outer(w, w).expand(3, 1, 11, 11)
+    expected = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(x, [5] * 4, mode=pad_mode), kernel, groups=3)
+    torch.testing.assert_close(separable_blur(x, w, pad_mode), expected, rtol=0, atol=1e-5)
