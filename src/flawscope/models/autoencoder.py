@@ -1,4 +1,4 @@
-"""Conv autoencoders, L2 / SSIM loss (Bergmann 2019); preset fast: 5-30 s on 2 CPU cores.
+"""Conv autoencoders, L2 / SSIM loss (Bergmann 2019); preset fast: 5-16 s on 2 CPU cores.
 
 ``ae_l2`` and ``ae_ssim`` are the seed's reconstruction models.
 
@@ -66,7 +66,7 @@ Assumptions where the paper is silent or differs from the seed:
 lr 1e-3, random horizontal flip). ``fast`` (the default) of ``ae_l2``: 32 px, 240 batches of
 16, map standardized per pixel by the good images, about 5 s on 2 CPU cores
 (:data:`L2_FAST` has the measurements). ``fast`` of ``ae_ssim``: 32 px, 480 batches of 16,
-raw SSIM map, about 30 s on 2 CPU cores (:data:`SSIM_FAST`). ``aligned`` of ``ae_ssim``, for
+raw SSIM map, about 16 s on 2 Xeon cores (:data:`SSIM_FAST`). ``aligned`` of ``ae_ssim``, for
 parts photographed in one fixed pose: the fast preset at 64 px, without mirrored training
 images, its map standardized per pixel (:data:`SSIM_ALIGNED`).
 
