@@ -7,7 +7,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..ssim import gaussian_window, separable_blur
+from ..ssim import blur_operator, gaussian_window, separable_blur
 
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
@@ -46,12 +46,12 @@ def upsample_and_smooth(maps: torch.Tensor, size: int, sigma: float) -> torch.Te
 @functools.lru_cache(maxsize=32)
 def _axis_operator(n: int, size: int, sigma: float) -> torch.Tensor:
     """The ``(size, n)`` matrix of "linear upsampling n -> size, then the Gaussian blur", built
-    by passing the n unit vectors through the very operations it stands for."""
+    by passing the n unit vectors through the upsampling (the blur's matrix is built the same
+    way by :func:`~flawscope.ssim.blur_operator`)."""
     x = torch.eye(n)[:, None, :]  # n signals of length n
     if n != size:
         x = F.interpolate(x, size=size, mode="linear", align_corners=False)
-    if sigma > 0:
-        kernel = gaussian_kernel1d(sigma)
-        r = len(kernel) // 2
-        x = F.conv1d(F.pad(x, (r, r), mode="reflect"), kernel.view(1, 1, -1))
-    return x[:, 0].T.contiguous()
+    upsample = x[:, 0].T.contiguous()
+    if sigma <= 0:
+        return upsample
+    return blur_operator(size, gaussian_kernel1d(sigma)) @ upsample
