@@ -17,7 +17,7 @@ One loop owns everything around the optimizer steps, so every model gets it the 
 - **Files**: the per-epoch loss means as CSV, and a picture hook called every
   ``picture_every`` epochs and at the first and last.
 - **Subnormal floats** are flushed to zero on every CPU thread while the loop trains
-  (:mod:`flawscope.subnormals`: up to 7x faster steps once activations sink that low).
+  (:mod:`flawscope.subnormals`: up to 7x faster steps once gradients sink that low).
 - **Divergence** cannot pass silently (see :data:`JUMP_FACTOR` for the rule, and
   ``collapsed_at`` for a loss whose model knows the value of a network that has lost its
   input). On divergence the
