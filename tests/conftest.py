@@ -33,6 +33,27 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+class SubnormalProbe:
+    """A million floats below float32's normal range (1.2e-38). A product over them is split
+    by PyTorch across its OpenMP threads, each of which has its own flush switch, so
+    :meth:`survivors` counts the threads' switches together: 0 when every thread flushes,
+    all of them when none does."""
+
+    values = torch.full((1 << 20,), 1e-40)
+
+    def survivors(self) -> int:
+        return int((self.values * 1.0).count_nonzero())
+
+
+@pytest.fixture
+def subnormal_probe() -> Iterator[SubnormalProbe]:
+    """A :class:`SubnormalProbe` with 2 PyTorch threads; skipped where the CPU cannot flush."""
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormals")
+    with torch_threads(2):
+        yield SubnormalProbe()
+
+
 def fast_preset_auroc(root: Path, model: str, data_seed: int, train_seed: int = 0) -> float:
     """Image AUROC of ``model``'s ``fast`` preset as shipped, fitted with 2 threads (the
     presets' measured setting) on the default ``flawscope synth`` synthetic_object of

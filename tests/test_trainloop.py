@@ -212,28 +212,20 @@ def test_checkpoints_can_be_spaced_in_time_but_the_last_epoch_is_always_saved(tm
     assert saved == list(range(1, EPOCHS + 1))
 
 
-def test_subnormal_floats_are_flushed_to_zero_on_every_thread_while_training_and_only_then():
-    # A million elements: PyTorch splits the product over its OpenMP threads, each of which
-    # has its own flush switch.
-    subnormals = torch.full((1 << 20,), 1e-40)  # below float32's normal range (1.2e-38)
+def test_subnormal_floats_are_flushed_to_zero_on_every_thread_while_training_and_only_then(
+        subnormal_probe):
     survivors: list[int] = []
     toy = Toy()
     step = toy.step
 
     def step_and_look(idx, n_step):
-        survivors.append(int((subnormals * 1.0).count_nonzero()))
+        survivors.append(subnormal_probe.survivors())
         return step(idx, n_step)
 
     toy.loop.step = step_and_look
-    if not torch.set_flush_denormal(False):
-        pytest.skip("this CPU cannot flush subnormals")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        assert int((subnormals * 1.0).count_nonzero()) == subnormals.numel()
-        toy.loop.run()
-        assert survivors and all(n == 0 for n in survivors)
-        # back to the default after training, on every thread
-        assert int((subnormals * 1.0).count_nonzero()) == subnormals.numel()
-    finally:
-        torch.set_num_threads(threads)
+    everyone = subnormal_probe.values.numel()
+    assert subnormal_probe.survivors() == everyone
+    toy.loop.run()
+    assert survivors and all(n == 0 for n in survivors)
+    # back to the default after training, on every thread
+    assert subnormal_probe.survivors() == everyone
