@@ -113,6 +113,10 @@ TINY = {"ae_l2": {"image_size": 64, "epochs": 1, "batches_per_epoch": 1, "batch_
         "patchcore:reweight": {"image_size": 96, "reweight": True, "coreset_ratio": 0.25},
         # each image standardized to one mean and spread inside the graph
         "patchcore:standardized": {"image_size": 64, "intensity": "standardized"},
+        # the fine preset: stride-4 patches, images matched to the training intensity (a
+        # fitted constant of the graph), the image score from the smoothed map
+        "patchcore:fine": {"image_size": 64, "stages": (1, 2, 4), "intensity": "matched",
+                           "image_score": "map_max"},
         "simplenet": {"image_size": 64, "epochs": 1, "batches_per_epoch": 2, "batch_size": 256}}
 #: Fitted before export: the backbone models, and simplenet, whose feature standardization
 #: and batch-norm statistics come from its training features.

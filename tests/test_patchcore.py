@@ -236,11 +236,13 @@ def test_unknown_backbone_in_a_setting_is_a_clear_error():
             get_model_class(name).from_settings(None, {"backbone": "efficientnet_lite0+resnet50"})
 
 
-def test_standardized_intensity_ignores_a_change_of_lighting_and_still_finds_defects(texture):
-    """``intensity="standardized"``: a good image under other lighting (washed out: a third of
-    the contrast, brighter) scores as the image itself, where the raw model scores it above
-    every good image (measured: mean 22.6 against 14.3, defects 25.5); defects still rank
-    above good images."""
+@pytest.mark.parametrize("intensity", ["standardized", "matched"])
+def test_intensity_treatment_ignores_a_change_of_lighting_and_still_finds_defects(
+        texture, intensity):
+    """``intensity="standardized"`` or ``"matched"``: a good image under other lighting
+    (washed out: a third of the contrast, brighter) scores as the image itself, where the raw
+    model scores it above every good image (measured: mean 22.6 against 14.3, defects 25.5);
+    defects still rank above good images."""
     from sklearn.metrics import roc_auc_score
 
     from flawscope.errors import FlawscopeError
@@ -251,17 +253,63 @@ def test_standardized_intensity_ignores_a_change_of_lighting_and_still_finds_def
     good = images[[not t.is_anomalous for t in cat.test]]
     relit = good * 0.3 + 0.6  # stays inside [0, 1]: nothing is clipped
     scores = {}
-    for intensity in ("raw", "standardized"):
+    for treatment in ("raw", intensity):
         model = get_model_class("patchcore").from_settings(
-            None, {"image_size": 64, "intensity": intensity})
+            None, {"image_size": 64, "intensity": treatment})
         model.fit(ImageDataset(cat.train, 64))
-        scores[intensity] = (model.score_tensor(good)[0], model.score_tensor(relit)[0])
-        if intensity == "standardized":
+        scores[treatment] = (model.score_tensor(good)[0], model.score_tensor(relit)[0])
+        if treatment == intensity:
             all_scores = model.score_tensor(images)[0]
             assert roc_auc_score([t.is_anomalous for t in cat.test], all_scores.numpy()) > 0.9
-    as_is, relit_std = scores["standardized"]
-    torch.testing.assert_close(relit_std, as_is, rtol=0.02, atol=0.0)
+    as_is, relit_treated = scores[intensity]
+    torch.testing.assert_close(relit_treated, as_is, rtol=0.02, atol=0.0)
     raw_good, raw_relit = scores["raw"]
     assert raw_relit.min() > raw_good.max(), (raw_good, raw_relit)
-    with pytest.raises(FlawscopeError, match="intensity='bright': choose one of raw, standardized"):
+    with pytest.raises(FlawscopeError, match="intensity='bright': choose one of raw, "
+                                             "standardized, matched"):
         get_model_class("patchcore").from_settings(None, {"intensity": "bright"})
+
+
+@pytest.mark.parametrize("name", ["patchcore", "padim"])
+def test_matched_intensity_reference_is_the_training_median_and_travels_with_the_file(
+        name, texture, tmp_path):
+    """The reference is the median over the training images of each image's mean and
+    spread; a saved model scores identically; a file that lost it is a clear error."""
+    from flawscope.errors import FlawscopeError
+    from flawscope.modelfile import save_model
+
+    train = ImageDataset(open_category(texture).train, 64)
+    model = get_model_class(name).from_settings(None, {"image_size": 64,
+                                                       "intensity": "matched"})
+    model.fit(train)
+    pixels = np.stack([train[i].numpy().ravel() for i in range(len(train))])
+    # torch's median of an even count is the lower middle value, as is this
+    middle = (len(pixels) - 1) // 2
+    expected = [np.sort(pixels.mean(1))[middle], np.sort(pixels.std(1, ddof=1))[middle]]
+    np.testing.assert_allclose(model.extractor.intensity_reference.numpy(), expected,
+                               rtol=1e-4)
+    images = torch.stack([train[i] for i in range(4)]) * 0.5 + 0.2
+    save_model(model, tmp_path / "m")
+    again, _ = load_model(tmp_path / "m")
+    for a, b in zip(model.score_tensor(images), again.score_tensor(images), strict=True):
+        assert torch.equal(a, b)
+    tensors = {k: v for k, v in model.state_tensors().items() if k != "intensity_reference"}
+    with pytest.raises(FlawscopeError, match="intensity=matched but no intensity_reference"):
+        get_model_class(name).from_settings(None, {"image_size": 64, "intensity": "matched"}
+                                            ).load_state_tensors(tensors)
+
+
+def test_fine_preset_scores_a_patch_grid_at_stride_4_by_its_smoothed_map(texture):
+    """The ``fine`` preset: block groups 1, 2 and 4 on a grid of image_size / 4, the image
+    score the largest value of the smoothed map, and synthetic defects found."""
+    from sklearn.metrics import roc_auc_score
+
+    model = get_model_class("patchcore").from_settings("fine", {"image_size": 64})
+    cat = open_category(texture)
+    model.fit(ImageDataset(cat.train, 64))
+    assert model.embed(torch.rand(1, 3, 64, 64)).shape == (1, 24 + 40 + 112, 16, 16)
+    test = ImageDataset([t.path for t in cat.test], 64)
+    images = torch.stack([test[i] for i in range(len(test))])
+    scores, maps = model.score_tensor(images)
+    assert torch.equal(scores, maps.flatten(1).amax(1))
+    assert roc_auc_score([t.is_anomalous for t in cat.test], scores.numpy()) > 0.9

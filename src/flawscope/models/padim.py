@@ -54,6 +54,9 @@ from ..backbones import (
     check_intensity,
     create_extractor,
     feature_channels,
+    intensity_reference,
+    intensity_state,
+    load_intensity_state,
 )
 from ..errors import FlawscopeError, ModelFileError, TileGridError
 from ..geometry import TileDataset, TileGrid, grid_mismatch
@@ -76,7 +79,7 @@ class PadimConfig:
     backbone: str = "efficientnet_lite0"
     #: Block groups (strides 4, 8, 16 for EfficientNet-Lite: 24 + 40 + 112 channels).
     stages: tuple[int, ...] = (1, 2, 4)
-    #: "raw" or "standardized": as patchcore's ``intensity``.
+    #: "raw", "standardized" or "matched": as patchcore's ``intensity``.
     intensity: str = "raw"
     #: Channels kept from the concatenated features (the paper's d = 100 for ResNet-18).
     n_features: int = 100
@@ -156,6 +159,9 @@ class PadimModel(AnomalyModel):
     def fit(self, images: torch.utils.data.Dataset, workdir: Path | None = None) -> None:
         if len(images) < 2:
             raise FlawscopeError("padim needs at least two training images")
+        if self.config.intensity == "matched":
+            self.extractor.intensity_reference = intensity_reference(images,
+                                                                     self.config.batch_size)
         if self.config.tile_statistics == "per_position" and isinstance(images, TileDataset):
             self._fit_per_tile_position(images)
             return
@@ -344,7 +350,8 @@ class PadimModel(AnomalyModel):
         if self.mean is None:
             raise FlawscopeError("padim model is not fitted")
         return {"mean": self.mean, "inv_cov": self.inv_cov, "channels": self.channels,
-                "grid": torch.tensor(self.grid)}
+                "grid": torch.tensor(self.grid),
+                **intensity_state(self.extractor, self.config.intensity)}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         missing = {"mean", "inv_cov", "channels", "grid"} - set(tensors)
@@ -353,6 +360,7 @@ class PadimModel(AnomalyModel):
         self.mean, self.inv_cov = tensors["mean"], tensors["inv_cov"]
         self.channels = tensors["channels"].long()
         self.grid = tuple(int(v) for v in tensors["grid"])
+        load_intensity_state(self.extractor, self.config.intensity, tensors, self.name)
 
     def extra_state(self) -> dict:
         """The tile grid of per-position statistics (nothing otherwise, as before it

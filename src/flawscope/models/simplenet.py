@@ -92,7 +92,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..backbones import STAGE_CHANNELS, check_intensity, create_extractor, feature_channels
+from ..backbones import (
+    STAGE_CHANNELS,
+    check_intensity,
+    create_extractor,
+    feature_channels,
+    intensity_reference,
+    intensity_state,
+    load_intensity_state,
+)
 from ..errors import FlawscopeError
 from ..trainloop import TrainLoop
 from . import register
@@ -149,7 +157,7 @@ class SimpleNetConfig:
     backbone: str = "efficientnet_lite0"
     #: Block groups whose outputs make the patch features (as patchcore's).
     stages: tuple[int, ...] = (2, 4)
-    #: "raw" or "standardized": as patchcore's ``intensity``.
+    #: "raw", "standardized" or "matched": as patchcore's ``intensity``.
     intensity: str = "raw"
     #: Feature scaling before the adaptor: "global" (each channel to mean 0, all divided by
     #: one common standard deviation: the channels keep their relative spreads, so the noise
@@ -301,6 +309,8 @@ class SimpleNetModel(AnomalyModel):
 
     # ----------------------------------------------------------------- fitting
     def fit(self, images: torch.utils.data.Dataset, workdir: Path | None = None) -> None:
+        if self.config.intensity == "matched":
+            self.extractor.intensity_reference = intensity_reference(images)
         rows, digest = self._training_rows(images)
         workdir = Path(workdir) if workdir is not None else None
         if workdir is not None:
@@ -391,7 +401,8 @@ class SimpleNetModel(AnomalyModel):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         if not self.fitted:
             raise FlawscopeError("simplenet model is not fitted")
-        return {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        return {**{f"head.{k}": v for k, v in self.head.state_dict().items()},
+                **intensity_state(self.extractor, self.config.intensity)}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         state = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
@@ -401,4 +412,5 @@ class SimpleNetModel(AnomalyModel):
             raise FlawscopeError(f"simplenet model file does not match its settings: "
                                  f"{exc}") from None
         self.head.eval()
+        load_intensity_state(self.extractor, self.config.intensity, tensors, self.name)
         self.fitted = True
