@@ -270,7 +270,12 @@ def test_intensity_treatment_ignores_a_change_of_lighting_and_still_finds_defect
         get_model_class("patchcore").from_settings(None, {"intensity": "bright"})
 
 
-@pytest.mark.parametrize("name", ["patchcore", "padim"])
+#: Every feature model that takes ``intensity``, with small settings (simplenet: two steps).
+MATCHED = {"patchcore": {}, "padim": {},
+           "simplenet": {"epochs": 1, "batches_per_epoch": 2, "batch_size": 256}}
+
+
+@pytest.mark.parametrize("name", sorted(MATCHED))
 def test_matched_intensity_reference_is_the_training_median_and_travels_with_the_file(
         name, texture, tmp_path):
     """The reference is the median over the training images of each image's mean and
@@ -279,8 +284,8 @@ def test_matched_intensity_reference_is_the_training_median_and_travels_with_the
     from flawscope.modelfile import save_model
 
     train = ImageDataset(open_category(texture).train, 64)
-    model = get_model_class(name).from_settings(None, {"image_size": 64,
-                                                       "intensity": "matched"})
+    settings = {"image_size": 64, "intensity": "matched", **MATCHED[name]}
+    model = get_model_class(name).from_settings(None, settings)
     model.fit(train)
     pixels = np.stack([train[i].numpy().ravel() for i in range(len(train))])
     # torch's median of an even count is the lower middle value, as is this
@@ -295,8 +300,7 @@ def test_matched_intensity_reference_is_the_training_median_and_travels_with_the
         assert torch.equal(a, b)
     tensors = {k: v for k, v in model.state_tensors().items() if k != "intensity_reference"}
     with pytest.raises(FlawscopeError, match="intensity=matched but no intensity_reference"):
-        get_model_class(name).from_settings(None, {"image_size": 64, "intensity": "matched"}
-                                            ).load_state_tensors(tensors)
+        get_model_class(name).from_settings(None, settings).load_state_tensors(tensors)
 
 
 def test_fine_preset_scores_a_patch_grid_at_stride_4_by_its_smoothed_map(texture):
