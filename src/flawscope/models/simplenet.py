@@ -97,6 +97,9 @@ from ..backbones import (
     check_intensity,
     create_extractor,
     feature_channels,
+    intensity_reference,
+    intensity_state,
+    load_intensity_state,
 )
 from ..errors import FlawscopeError
 from ..trainloop import TrainLoop
@@ -306,7 +309,8 @@ class SimpleNetModel(AnomalyModel):
 
     # ----------------------------------------------------------------- fitting
     def fit(self, images: torch.utils.data.Dataset, workdir: Path | None = None) -> None:
-        self.extractor.fit_intensity(images)
+        if self.config.intensity == "matched":
+            self.extractor.intensity_reference = intensity_reference(images)
         rows, digest = self._training_rows(images)
         workdir = Path(workdir) if workdir is not None else None
         if workdir is not None:
@@ -398,7 +402,7 @@ class SimpleNetModel(AnomalyModel):
         if not self.fitted:
             raise FlawscopeError("simplenet model is not fitted")
         return {**{f"head.{k}": v for k, v in self.head.state_dict().items()},
-                **self.extractor.intensity_state()}
+                **intensity_state(self.extractor, self.config.intensity)}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         state = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
@@ -408,5 +412,5 @@ class SimpleNetModel(AnomalyModel):
             raise FlawscopeError(f"simplenet model file does not match its settings: "
                                  f"{exc}") from None
         self.head.eval()
-        self.extractor.load_intensity_state(tensors, self.name)
+        load_intensity_state(self.extractor, self.config.intensity, tensors, self.name)
         self.fitted = True
