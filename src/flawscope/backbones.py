@@ -205,24 +205,35 @@ def intensity_reference(images: torch.utils.data.Dataset, batch_size: int = 16) 
     return stats.median(0).values
 
 
-def intensity_state(extractor: nn.Module, intensity: str) -> dict[str, torch.Tensor]:
-    """What a fitted model saves of its extractor's input treatment: the matched-intensity
-    reference where ``intensity="matched"``, nothing otherwise."""
-    return {"intensity_reference": extractor.intensity_reference.clone()} \
-        if intensity == "matched" else {}
+class IntensityTreatment:
+    """What a feature extractor does to an image's intensity before the backbone (its
+    ``intensity`` setting), and the part of it a model fits and saves: the reference of
+    ``intensity="matched"``. The models call these three methods without asking which
+    treatment is set; for the others they do nothing."""
 
+    intensity: str
+    intensity_reference: torch.Tensor
 
-def load_intensity_state(extractor: nn.Module, intensity: str,
-                         tensors: dict[str, torch.Tensor], model: str) -> None:
-    """Restore :func:`intensity_state`; a model file of ``intensity="matched"`` without its
-    reference is a clear error, not images scored at the wrong brightness."""
-    if intensity != "matched":
-        return
-    reference = tensors.get("intensity_reference")
-    if reference is None or reference.shape != (2,):
-        raise FlawscopeError(f"{model} model file has intensity=matched but no "
-                             "intensity_reference tensor of 2 values")
-    extractor.intensity_reference = reference.float()
+    def fit_intensity(self, images: torch.utils.data.Dataset) -> None:
+        """Set the matched-intensity reference from the training images."""
+        if self.intensity == "matched":
+            self.intensity_reference = intensity_reference(images)
+
+    def intensity_state(self) -> dict[str, torch.Tensor]:
+        """The tensors a model file keeps of the treatment (the reference, if matched)."""
+        return ({"intensity_reference": self.intensity_reference.clone()}
+                if self.intensity == "matched" else {})
+
+    def load_intensity_state(self, tensors: dict[str, torch.Tensor], model: str) -> None:
+        """Restore :meth:`intensity_state`; a model file of ``intensity="matched"`` without
+        its reference is a clear error, not images scored at the wrong brightness."""
+        if self.intensity != "matched":
+            return
+        reference = tensors.get("intensity_reference")
+        if reference is None or reference.shape != (2,):
+            raise FlawscopeError(f"{model} model file has intensity=matched but no "
+                                 "intensity_reference tensor of 2 values")
+        self.intensity_reference = reference.float()
 
 
 def check_intensity(value: str) -> None:
@@ -271,7 +282,7 @@ def fold_batchnorm(module: nn.Module) -> None:
         fold_batchnorm(child)
 
 
-class FeatureExtractor(nn.Module):
+class FeatureExtractor(IntensityTreatment, nn.Module):
     """Feature maps of chosen block groups (timm ``blocks.i``) for images in [0, 1].
 
     The full classifier is loaded with ``strict=True`` and then cut after the deepest
@@ -328,7 +339,7 @@ class FeatureExtractor(nn.Module):
         return features
 
 
-class EnsembleExtractor(nn.Module):
+class EnsembleExtractor(IntensityTreatment, nn.Module):
     """Several backbones on the same input; each stage's maps concatenated along channels.
 
     The PatchCore paper's ensemble (Roth et al. 2022: WideResNet-101, ResNeXt-101 and

@@ -54,9 +54,6 @@ from ..backbones import (
     check_intensity,
     create_extractor,
     feature_channels,
-    intensity_reference,
-    intensity_state,
-    load_intensity_state,
 )
 from ..errors import FlawscopeError, ModelFileError, TileGridError
 from ..geometry import TileDataset, TileGrid, grid_mismatch
@@ -159,9 +156,7 @@ class PadimModel(AnomalyModel):
     def fit(self, images: torch.utils.data.Dataset, workdir: Path | None = None) -> None:
         if len(images) < 2:
             raise FlawscopeError("padim needs at least two training images")
-        if self.config.intensity == "matched":
-            self.extractor.intensity_reference = intensity_reference(images,
-                                                                     self.config.batch_size)
+        self.extractor.fit_intensity(images)
         if self.config.tile_statistics == "per_position" and isinstance(images, TileDataset):
             self._fit_per_tile_position(images)
             return
@@ -351,7 +346,7 @@ class PadimModel(AnomalyModel):
             raise FlawscopeError("padim model is not fitted")
         return {"mean": self.mean, "inv_cov": self.inv_cov, "channels": self.channels,
                 "grid": torch.tensor(self.grid),
-                **intensity_state(self.extractor, self.config.intensity)}
+                **self.extractor.intensity_state()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         missing = {"mean", "inv_cov", "channels", "grid"} - set(tensors)
@@ -360,7 +355,7 @@ class PadimModel(AnomalyModel):
         self.mean, self.inv_cov = tensors["mean"], tensors["inv_cov"]
         self.channels = tensors["channels"].long()
         self.grid = tuple(int(v) for v in tensors["grid"])
-        load_intensity_state(self.extractor, self.config.intensity, tensors, self.name)
+        self.extractor.load_intensity_state(tensors, self.name)
 
     def extra_state(self) -> dict:
         """The tile grid of per-position statistics (nothing otherwise, as before it

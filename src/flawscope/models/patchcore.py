@@ -77,9 +77,6 @@ from ..backbones import (
     backbone_names,
     check_intensity,
     create_extractor,
-    intensity_reference,
-    intensity_state,
-    load_intensity_state,
 )
 from ..cellcoreset import StreamingCoreset
 from ..coreset import greedy_coreset
@@ -275,9 +272,7 @@ class PatchCoreModel(AnomalyModel):
     def fit(self, images: torch.utils.data.Dataset, workdir: Path | None = None) -> None:
         if len(images) == 0:
             raise FlawscopeError("patchcore needs at least one training image")
-        if self.config.intensity == "matched":
-            self.extractor.intensity_reference = intensity_reference(images,
-                                                                     self.config.batch_size)
+        self.extractor.fit_intensity(images)
         loader = torch.utils.data.DataLoader(images, batch_size=self.config.batch_size)
         views = AUGMENTATIONS[self.config.augment]
         self._fit_features(self._view_features(tqdm(loader, desc="features", leave=False,
@@ -488,7 +483,7 @@ class PatchCoreModel(AnomalyModel):
         if self.memory_bank is None:
             raise FlawscopeError("patchcore model is not fitted")
         tensors = {"memory_bank": self.memory_bank,
-                   **intensity_state(self.extractor, self.config.intensity)}
+                   **self.extractor.intensity_state()}
         if self.bank_source is not None:
             tensors["bank_source"] = self.bank_source
         return tensors
@@ -497,7 +492,7 @@ class PatchCoreModel(AnomalyModel):
         if "memory_bank" not in tensors:
             raise FlawscopeError("patchcore model file has no memory_bank tensor")
         self._set_bank(tensors["memory_bank"].to(_DTYPES[self.config.bank_dtype]))
-        load_intensity_state(self.extractor, self.config.intensity, tensors, self.name)
+        self.extractor.load_intensity_state(tensors, self.name)
         source = tensors.get("bank_source")
         self.bank_source = None if source is None else source.to(torch.int32)
 

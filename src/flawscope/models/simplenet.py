@@ -97,9 +97,6 @@ from ..backbones import (
     check_intensity,
     create_extractor,
     feature_channels,
-    intensity_reference,
-    intensity_state,
-    load_intensity_state,
 )
 from ..errors import FlawscopeError
 from ..trainloop import TrainLoop
@@ -309,8 +306,7 @@ class SimpleNetModel(AnomalyModel):
 
     # ----------------------------------------------------------------- fitting
     def fit(self, images: torch.utils.data.Dataset, workdir: Path | None = None) -> None:
-        if self.config.intensity == "matched":
-            self.extractor.intensity_reference = intensity_reference(images)
+        self.extractor.fit_intensity(images)
         rows, digest = self._training_rows(images)
         workdir = Path(workdir) if workdir is not None else None
         if workdir is not None:
@@ -402,7 +398,7 @@ class SimpleNetModel(AnomalyModel):
         if not self.fitted:
             raise FlawscopeError("simplenet model is not fitted")
         return {**{f"head.{k}": v for k, v in self.head.state_dict().items()},
-                **intensity_state(self.extractor, self.config.intensity)}
+                **self.extractor.intensity_state()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         state = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
@@ -412,5 +408,5 @@ class SimpleNetModel(AnomalyModel):
             raise FlawscopeError(f"simplenet model file does not match its settings: "
                                  f"{exc}") from None
         self.head.eval()
-        load_intensity_state(self.extractor, self.config.intensity, tensors, self.name)
+        self.extractor.load_intensity_state(tensors, self.name)
         self.fitted = True
