@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from flawscope import nnsearch
+from flawscope.backbones import MATCHED_MIN_SPREAD, intensity_reference
 from flawscope.cli import cli
 from flawscope.coreset import greedy_coreset, random_projection
 from flawscope.data import ImageDataset, open_category
@@ -279,7 +280,8 @@ MATCHED = {"patchcore": {}, "padim": {},
 def test_matched_intensity_reference_is_the_training_median_and_travels_with_the_file(
         name, texture, tmp_path):
     """The reference is the median over the training images of each image's mean and
-    spread; a saved model scores identically; a file that lost it is a clear error."""
+    spread (the spread at least MATCHED_MIN_SPREAD); a saved model scores identically; a
+    file that lost it is a clear error."""
     from flawscope.errors import FlawscopeError
     from flawscope.modelfile import save_model
 
@@ -290,7 +292,8 @@ def test_matched_intensity_reference_is_the_training_median_and_travels_with_the
     pixels = np.stack([train[i].numpy().ravel() for i in range(len(train))])
     # torch's median of an even count is the lower middle value, as is this
     middle = (len(pixels) - 1) // 2
-    expected = [np.sort(pixels.mean(1))[middle], np.sort(pixels.std(1, ddof=1))[middle]]
+    expected = [np.sort(pixels.mean(1))[middle],
+                max(np.sort(pixels.std(1, ddof=1))[middle], MATCHED_MIN_SPREAD)]
     np.testing.assert_allclose(model.extractor.intensity_reference.numpy(), expected,
                                rtol=1e-4)
     images = torch.stack([train[i] for i in range(4)]) * 0.5 + 0.2
@@ -301,6 +304,18 @@ def test_matched_intensity_reference_is_the_training_median_and_travels_with_the
     tensors = {k: v for k, v in model.state_tensors().items() if k != "intensity_reference"}
     with pytest.raises(FlawscopeError, match="intensity=matched but no intensity_reference"):
         get_model_class(name).from_settings(None, settings).load_state_tensors(tensors)
+
+
+def test_matched_reference_stretches_a_low_contrast_part_to_the_least_spread():
+    """Images of spread 0.05 are matched to MATCHED_MIN_SPREAD, images of spread 0.3 to
+    their own; the mean is the median mean either way."""
+    generator = torch.Generator().manual_seed(0)
+    noise = [torch.randn(3, 32, 32, generator=generator) for _ in range(5)]
+    flat = [0.4 + 0.05 * (n - n.mean()) / n.std() for n in noise]
+    contrasty = [0.5 + 0.3 * (n - n.mean()) / n.std() for n in noise]
+    np.testing.assert_allclose(intensity_reference(flat).numpy(), [0.4, MATCHED_MIN_SPREAD],
+                               atol=1e-5)
+    np.testing.assert_allclose(intensity_reference(contrasty).numpy(), [0.5, 0.3], atol=1e-5)
 
 
 def test_fine_preset_scores_a_patch_grid_at_stride_4_by_its_smoothed_map(texture):
