@@ -38,11 +38,12 @@ augmented copies.
 
 **Finer patches** (preset ``fine``): block group 1 (stride 4) joins groups 2 and 4, so the
 grid is four times as dense; every image is first matched to the training images' median
-brightness and contrast (``intensity="matched"``), and the image score is the largest value
-of the smoothed map (``image_score="map_max"``). On the four dev categories (256 px, Intel
-Xeon, 2 threads; two coreset seeds) it raised the mean image AUROC from 0.961 to 0.971
-(screw +0.021, toothbrush 0.000) and, with seed 0, the mean AU-PRO from 0.814 to 0.821, at
-3-5 times fewer images per second.
+brightness and contrast, a low-contrast part stretched to a spread of at least 0.2
+(``intensity="matched"``), and the image score is the largest value of the smoothed map
+(``image_score="map_max"``). On the four dev categories (256 px, AMD EPYC, 2 threads; two
+coreset seeds) it raised the mean image AUROC from 0.961 to 0.973 (screw +0.022, magnetic
+tile +0.018, toothbrush 0.000) and, with seed 0, the mean AU-PRO from 0.814 to 0.817, at
+4-16 times fewer images per second.
 
 Middle block groups because early ones are too generic and late ones too ImageNet-specific
 and coarse (the paper's argument); for EfficientNet-Lite that is groups 2 and 4 (stride 8 and
@@ -143,8 +144,9 @@ class PatchCoreConfig:
     #: images, max patch score: magnetic tile 0.949 -> 0.966, welding 0.952 -> 0.955,
     #: toothbrush 0.989 -> 0.989, screw 0.938 -> 0.920 (a small dark part on white: its
     #: scaled-up contrast clips), so not the default. "matched": each image shifted and
-    #: scaled to the training images' median mean and spread, unclipped
-    #: (flawscope.backbones.match_intensity; the ``fine`` preset's choice).
+    #: scaled to the training images' median mean and spread (the spread at least
+    #: flawscope.backbones.MATCHED_MIN_SPREAD), unclipped (flawscope.backbones.match_intensity;
+    #: the ``fine`` preset's choice).
     intensity: str = "raw"
     #: Fraction of all training patches kept in the memory bank. 2%: over 3 seeds each
     #: (benchmarks/coreset_accuracy.py, features computed once, maps at 256 px), the image
