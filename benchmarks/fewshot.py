@@ -7,7 +7,9 @@ scores of every aggregation in ``--scores`` (``max``, or ``top:F``, the mean of 
 fraction F of patch scores) come from the same patch distances, so they are compared on the
 same banks. The baseline is PatchCore's default preset fitted on every training image
 (``--full-set`` overrides it, e.g. ``coreset=approx``). Test features are computed once per
-category and scored against every bank (``PatchCoreModel.score_features``).
+category and scored against every bank, except where a model's features differ from the
+few-shot ones (another backbone, block groups or size) or depend on its training images (the
+reference brightness of ``intensity=matched``): such a model embeds the test set itself.
 
     flock /tmp/flawscope-bench.lock python benchmarks/fewshot.py --threads 2 \\
         --json fewshot.json
@@ -58,6 +60,20 @@ def embed_all(model, dataset, batch: int = 16) -> torch.Tensor:
                       for s in range(0, len(dataset), batch)])
 
 
+FEATURE_SETTINGS = ("backbone", "stages", "image_size", "intensity")
+
+
+def test_features(model, paths: list, probe, shared: torch.Tensor | None) -> torch.Tensor:
+    """The test images' features for a fitted ``model``: the ``shared`` ones, embedded by
+    ``probe``, where they are what the model itself would compute."""
+    same = all(getattr(model.config, key) == getattr(probe.config, key)
+               for key in FEATURE_SETTINGS)
+    if shared is not None and same and model.config.intensity != "matched":
+        return shared
+    with torch.inference_mode():
+        return embed_all(model, ImageDataset(paths, model.image_size))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", type=Path, default=Path("/work/shared/datasets"))
@@ -84,19 +100,22 @@ def main() -> None:
         category = open_category(args.root / name)
         probe = cls.from_settings("fewshot", extra)
         size = probe.image_size
-        test = ImageDataset([t.path for t in category.test], size)
+        tests = [t.path for t in category.test]
         labels = [int(t.defect_type != "good") for t in category.test]
         start = time.perf_counter()
-        with torch.inference_mode():
-            features = embed_all(probe, test)
-        print(f"{name}: {len(category.train)} train, {len(test)} test images, "
+        features = None
+        if probe.config.intensity != "matched":
+            with torch.inference_mode():
+                features = embed_all(probe, ImageDataset(tests, size))
+        print(f"{name}: {len(category.train)} train, {len(tests)} test images, "
               f"test features {time.perf_counter() - start:.0f} s", flush=True)
         if not args.no_full:
             full = cls.from_settings(None, full_set)
             start = time.perf_counter()
             full.fit(ImageDataset(category.train, full.image_size))
             fit_s = time.perf_counter() - start
-            auroc = image_auroc(labels, aggregate(patch_distances(full, features), "max"))
+            patch = patch_distances(full, test_features(full, tests, probe, features))
+            auroc = image_auroc(labels, aggregate(patch, "max"))
             rows.append({"category": name, "k": "full", "augment": "none", "score": "max",
                          "draw": 0, "auroc": auroc, "fit_s": fit_s,
                          "bank": len(full.memory_bank), "settings": full_set})
@@ -113,7 +132,8 @@ def main() -> None:
                     model.fit(ImageDataset(paths, size))
                     fit_s = time.perf_counter() - start
                     start = time.perf_counter()
-                    patch = patch_distances(model, features)
+                    patch = patch_distances(model, test_features(model, tests, probe,
+                                                                 features))
                     score_s = time.perf_counter() - start
                     result = {how: image_auroc(labels, aggregate(patch, how)) for how in scores}
                     for how, auroc in result.items():
