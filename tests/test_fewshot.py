@@ -14,7 +14,7 @@ from flawscope.export import TOLERANCE, export_onnx
 from flawscope.metrics import image_auroc
 from flawscope.modelfile import load_model, save_model
 from flawscope.models import get_model_class
-from flawscope.models.patchcore import AUGMENTATIONS, augmented
+from flawscope.models.patchcore import AUGMENTATIONS, FEWSHOT_FULL_BANK, augmented
 from flawscope.pipeline import fit_model
 from flawscope.synth import SynthSpec, generate
 
@@ -77,6 +77,18 @@ def test_augmented_bank_keeps_every_patch_of_every_view(fitted):
     small = fewshot(full_bank_patches=4 * views * GRID - 1, coreset_ratio=0.1)
     small.fit(fitted[1])
     assert len(small.memory_bank) == math.ceil(0.1 * 4 * views * GRID)
+
+
+def test_preset_keeps_every_patch_of_sixteen_images_turned_every_10_degrees(texture):
+    """``rot10`` turns each image every 10 degrees, and the preset keeps every patch of 16
+    images so turned at 256 px: a coreset of that bank would undo what the views add."""
+    views = AUGMENTATIONS["rot10"]
+    assert views == tuple((a, False) for a in range(0, 360, 10))
+    assert FEWSHOT_FULL_BANK >= 16 * len(views) * (256 // 8) ** 2
+    model = fewshot(augment="rot10")
+    model.fit(ImageDataset(texture.train[:2], SIZE))
+    assert len(model.memory_bank) == 2 * len(views) * GRID
+    assert torch.bincount(model.bank_source.long()).tolist() == [len(views) * GRID] * 2
 
 
 def test_views_are_the_symmetries_of_the_square():
