@@ -65,10 +65,11 @@ FEATURE_SETTINGS = ("backbone", "stages", "image_size", "intensity")
 
 def test_features(model, paths: list, probe, shared: torch.Tensor | None) -> torch.Tensor:
     """The test images' features for a fitted ``model``: the ``shared`` ones, embedded by
-    ``probe``, where they are what the model itself would compute."""
+    ``probe``, where they are what the model itself would compute (``shared`` is None where
+    the probe's features depend on its training images, as with ``intensity=matched``)."""
     same = all(getattr(model.config, key) == getattr(probe.config, key)
                for key in FEATURE_SETTINGS)
-    if shared is not None and same and model.config.intensity != "matched":
+    if shared is not None and same:
         return shared
     with torch.inference_mode():
         return embed_all(model, ImageDataset(paths, model.image_size))
@@ -103,7 +104,7 @@ def main() -> None:
         tests = [t.path for t in category.test]
         labels = [int(t.defect_type != "good") for t in category.test]
         start = time.perf_counter()
-        features = None
+        features = None  # a matched model's reference comes from its own training images
         if probe.config.intensity != "matched":
             with torch.inference_mode():
                 features = embed_all(probe, ImageDataset(tests, size))
