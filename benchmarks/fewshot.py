@@ -3,9 +3,9 @@
 For each category, k in ``--shots`` and ``--draws`` seeded random draws of k training images,
 PatchCore is fitted on those images with each reference augmentation of ``--augment``
 (settings of the ``fewshot`` preset otherwise) and scores the whole test set. The image
-scores of every aggregation in ``--scores`` (``max``, or ``top:F``, the mean of the top
-fraction F of patch scores) come from the same patch distances, so they are compared on the
-same banks. The baseline is PatchCore's default preset fitted on every training image
+scores of every aggregation in ``--scores`` (PatchCore's ``image_score``: ``max``,
+``map_max``, or ``top:F``, the mean of the top fraction F of patch scores) come from the
+same patch distances, so they are compared on the same banks. The baseline is PatchCore's default preset fitted on every training image
 (``--full-set`` overrides it, e.g. ``coreset=approx``). Test features are computed once per
 category and scored against every bank, except where a model's features differ from the
 few-shot ones (another backbone, block groups or size) or depend on its training images (the
@@ -20,8 +20,8 @@ Prints one line per fit and a table: mean and spread (min-max) of image AUROC pe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from flawscope.data import ImageDataset, open_category
 from flawscope.gallery import cpu_model
 from flawscope.metrics import image_auroc
 from flawscope.models import get_model_class
+from flawscope.models.patchcore import scores_and_maps
 
 DEV = ("mvtec_ad/screw", "mvtec_ad/toothbrush", "magnetic_tile/magnetic_tile",
        "battery_weld/welding")
@@ -46,12 +47,20 @@ def patch_distances(model, features: torch.Tensor, batch: int = 32) -> torch.Ten
     return torch.cat(out)
 
 
-def aggregate(patch: torch.Tensor, how: str) -> np.ndarray:
-    """Image scores from patch distances: ``max`` or ``top:F`` (as ``image_score=top``)."""
-    if how == "max":
-        return patch.amax(1).numpy()
-    k = max(1, math.ceil(float(how.split(":")[1]) * patch.shape[1]))
-    return patch.topk(k, dim=1).values.mean(1).numpy()
+def image_scores(model, patch: torch.Tensor, grid: tuple[int, int], how: str) -> np.ndarray:
+    """Image scores from patch distances ``(N, h*w)`` by PatchCore's own
+    :func:`~flawscope.models.patchcore.scores_and_maps` with ``image_score`` set by ``how``:
+    ``max``, ``map_max`` or ``top:F`` (the mean of the top fraction F)."""
+    name, _, fraction = how.partition(":")
+    settings = {"reweight": False, "image_score": name}
+    if fraction:
+        settings["top_fraction"] = float(fraction)
+    config = dataclasses.replace(model.config, **settings)
+    out = []
+    for start in range(0, len(patch), 64):  # the maps of 64 images at a time
+        out.append(scores_and_maps(patch[start:start + 64], None, grid, None, None,
+                                   config)[0])
+    return torch.cat(out).numpy()
 
 
 def embed_all(model, dataset, batch: int = 16) -> torch.Tensor:
@@ -115,8 +124,10 @@ def main() -> None:
             start = time.perf_counter()
             full.fit(ImageDataset(category.train, full.image_size))
             fit_s = time.perf_counter() - start
-            patch = patch_distances(full, test_features(full, tests, probe, features))
-            auroc = image_auroc(labels, aggregate(patch, "max"))
+            full_features = test_features(full, tests, probe, features)
+            patch = patch_distances(full, full_features)
+            auroc = image_auroc(labels, image_scores(full, patch, full_features.shape[-2:],
+                                                     "max"))
             rows.append({"category": name, "k": "full", "augment": "none", "score": "max",
                          "draw": 0, "auroc": auroc, "fit_s": fit_s,
                          "bank": len(full.memory_bank), "settings": full_set})
@@ -138,7 +149,9 @@ def main() -> None:
                     start = time.perf_counter()
                     patch = patch_distances(model, own_features)
                     score_s = time.perf_counter() - start
-                    result = {how: image_auroc(labels, aggregate(patch, how)) for how in scores}
+                    grid = own_features.shape[-2:]
+                    result = {how: image_auroc(labels, image_scores(model, patch, grid, how))
+                              for how in scores}
                     for how, auroc in result.items():
                         rows.append({"category": name, "k": k, "augment": augment,
                                      "score": how, "draw": draw, "auroc": auroc,

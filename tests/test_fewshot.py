@@ -204,3 +204,30 @@ def test_bad_fewshot_settings_are_clear_errors():
         fewshot(top_fraction=0)
     with pytest.raises(FlawscopeError, match="reweight"):
         fewshot(reweight=True, image_score="top")
+    with pytest.raises(FlawscopeError, match="augment_max_images"):
+        fewshot(augment_max_images=-1)
+
+
+def test_fine_preset_mirrors_small_training_sets_only(texture):
+    """``augment_max_images`` applies the augmentation to training sets of at most that many
+    images; above it the bank holds the images alone, and k-fold cross-fitting follows the
+    whole training set's count, so its folds are banks like the final one."""
+    cls = get_model_class("patchcore")
+    preset = cls.from_settings("fine", {}).config
+    assert (preset.augment, preset.augment_max_images) == ("flips", 100)
+    fine_grid = (SIZE // 4) ** 2  # the fine preset's stride-4 patches
+    settings = {"image_size": SIZE, "augment_max_images": 3, "full_bank_patches": 10 ** 6}
+    three = cls.from_settings("fine", settings)
+    three.fit(ImageDataset(texture.train[:3], SIZE))
+    assert len(three.memory_bank) == 3 * len(AUGMENTATIONS["flips"]) * fine_grid
+    four_images = ImageDataset(texture.train[:4], SIZE)
+    four = cls.from_settings("fine", settings)
+    four.fit(four_images)
+    assert len(four.memory_bank) == 4 * fine_grid
+    folds = [np.array([0, 1]), np.array([2, 3])]
+    plain = cls.from_settings("fine", {**settings, "augment": "none"})
+    plain.fit(four_images)
+    scores, maps = four.kfold_scores(four_images, folds)
+    plain_scores, plain_maps = plain.kfold_scores(four_images, folds)
+    np.testing.assert_allclose(scores, plain_scores, rtol=1e-5)
+    np.testing.assert_allclose(maps, plain_maps, rtol=1e-5, atol=1e-5)
