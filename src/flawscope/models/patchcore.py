@@ -307,7 +307,9 @@ class PatchCoreModel(AnomalyModel):
 
     def views(self, n_images: int) -> tuple[tuple[int, bool], ...]:
         """The views of each training image in a bank fitted on ``n_images`` images: those
-        of ``augment``, or the image alone above ``augment_max_images``."""
+        of ``augment``, or the image alone above ``augment_max_images``. k-fold
+        cross-fitting asks with the whole training set's count, so its folds' banks are
+        built like the final one."""
         limit = int(self.config.augment_max_images)
         if self.config.augment != "none" and limit and n_images > limit:
             log.info("augment=%s not applied: %d training images, more than "
