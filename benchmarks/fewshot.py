@@ -7,10 +7,10 @@ scores of every aggregation in ``--scores`` (PatchCore's ``image_score``: ``max`
 ``map_max``, or ``top:F``, the mean of the top fraction F of patch scores) come from the
 same patch distances, so they are compared on the same banks. The baseline is PatchCore's
 default preset fitted on every training image (``--full-set`` overrides it, e.g.
-``coreset=approx``). Test features are computed once per
-category and scored against every bank, except where a model's features differ from the
-few-shot ones (another backbone, block groups or size) or depend on its training images (the
-reference brightness of ``intensity=matched``): such a model embeds the test set itself.
+``coreset=approx``). Test features are computed once per category and scored against every
+bank, except where a model's features differ from the few-shot ones (another backbone, block
+groups or size) or depend on its training images (the reference brightness of
+``intensity=matched``): such a model embeds the test set itself.
 
     flock /tmp/flawscope-bench.lock python benchmarks/fewshot.py --threads 2 \\
         --json fewshot.json

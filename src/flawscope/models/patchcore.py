@@ -301,6 +301,10 @@ class PatchCoreModel(AnomalyModel):
         self.extractor.fit_intensity(images)
         loader = torch.utils.data.DataLoader(images, batch_size=self.config.batch_size)
         views = self.views(len(images))
+        if views is not AUGMENTATIONS[self.config.augment]:
+            log.info("augment=%s not applied: %d training images, more than "
+                     "augment_max_images=%d", self.config.augment, len(images),
+                     self.config.augment_max_images)
         self._fit_features(self._view_features(tqdm(loader, desc="features", leave=False,
                                                     disable=None), views),
                            len(images) * len(views))
@@ -311,9 +315,7 @@ class PatchCoreModel(AnomalyModel):
         cross-fitting asks with the whole training set's count, so its folds' banks are
         built like the final one."""
         limit = int(self.config.augment_max_images)
-        if self.config.augment != "none" and limit and n_images > limit:
-            log.info("augment=%s not applied: %d training images, more than "
-                     "augment_max_images=%d", self.config.augment, n_images, limit)
+        if limit and n_images > limit:
             return AUGMENTATIONS["none"]
         return AUGMENTATIONS[self.config.augment]
 
