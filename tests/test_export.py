@@ -113,6 +113,8 @@ TINY = {"ae_l2": {"image_size": 64, "epochs": 1, "batches_per_epoch": 1, "batch_
         "patchcore:reweight": {"image_size": 96, "reweight": True, "coreset_ratio": 0.25},
         # each image standardized to one mean and spread inside the graph
         "patchcore:standardized": {"image_size": 64, "intensity": "standardized"},
+        # each image less its blurred grey level inside the graph
+        "patchcore:highpass": {"image_size": 64, "intensity": "highpass"},
         # the fine preset: stride-4 patches, images matched to the training intensity (a
         # fitted constant of the graph), the image score from the smoothed map
         "patchcore:fine": {"image_size": 64, "stages": (1, 2, 4), "intensity": "matched",

@@ -147,17 +147,22 @@ def test_top_score_is_the_mean_of_the_largest_patch_scores(fitted, texture):
 
 
 def test_leave_one_out_excludes_an_images_augmented_copies(fitted):
-    model, train = fitted
+    # Raw intensity: after the preset's highpass the synthetic texture's own mirrored
+    # copies are hardly closer than the other images' patches (measured 17.87 against 17.90),
+    # too little for the last check to see that they were dropped.
+    _, train = fitted
+    model = fewshot(image_score="top", intensity="raw")
+    model.fit(train)
     loo, _ = model.leave_one_out_scores(train)
     for i in (0, 3):
-        others = fewshot(image_score="top")
+        others = fewshot(image_score="top", intensity="raw")
         others.fit(ImageDataset([p for j, p in enumerate(train.sources) if j != i], SIZE))
         refit = float(others.score_tensor(train[i][None])[0][0])
         # The bank less image i's rows (its flips too) is the refit's bank, rows in another
         # order: equal up to float32 sums in another order.
         assert loo[i] == pytest.approx(refit, rel=1e-4)
         # Keeping image i's flipped copies would have found closer patches: a lower score.
-        keep_flips = fewshot(image_score="top")
+        keep_flips = fewshot(image_score="top", intensity="raw")
         # One batch: the rows are the 4 images, then their two flipped copies.
         copy = torch.arange(len(model.memory_bank)) >= 4 * GRID
         keep_flips._set_bank(model.memory_bank[(model.bank_source != i) | copy])

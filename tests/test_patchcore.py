@@ -237,13 +237,13 @@ def test_unknown_backbone_in_a_setting_is_a_clear_error():
             get_model_class(name).from_settings(None, {"backbone": "efficientnet_lite0+resnet50"})
 
 
-@pytest.mark.parametrize("intensity", ["standardized", "matched"])
+@pytest.mark.parametrize("intensity", ["standardized", "matched", "highpass"])
 def test_intensity_treatment_ignores_a_change_of_lighting_and_still_finds_defects(
         texture, intensity):
-    """``intensity="standardized"`` or ``"matched"``: a good image under other lighting
-    (washed out: a third of the contrast, brighter) scores as the image itself, where the raw
-    model scores it above every good image (measured: mean 22.6 against 14.3, defects 25.5);
-    defects still rank above good images."""
+    """``intensity="standardized"``, ``"matched"`` or ``"highpass"``: a good image under
+    other lighting (washed out: a third of the contrast, brighter) scores as the image
+    itself, where the raw model scores it above every good image (measured: mean 22.6
+    against 14.3, defects 25.5); defects still rank above good images."""
     from sklearn.metrics import roc_auc_score
 
     from flawscope.errors import FlawscopeError
@@ -267,7 +267,7 @@ def test_intensity_treatment_ignores_a_change_of_lighting_and_still_finds_defect
     raw_good, raw_relit = scores["raw"]
     assert raw_relit.min() > raw_good.max(), (raw_good, raw_relit)
     with pytest.raises(FlawscopeError, match="intensity='bright': choose one of raw, "
-                                             "standardized, matched"):
+                                             "standardized, matched, highpass"):
         get_model_class("patchcore").from_settings(None, {"intensity": "bright"})
 
 

@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .errors import FlawscopeError
+from .ssim import gaussian_window, separable_blur
 
 
 @dataclass(frozen=True)
@@ -147,8 +148,8 @@ STAGE_STRIDES = (2, 4, 8, 16, 16, 32, 32)
 
 #: Values of the feature models' ``intensity`` setting: what an image goes through before
 #: the backbone's ImageNet normalization (see :func:`standardize_intensity` and
-#: :func:`match_intensity`).
-INTENSITIES = ("raw", "standardized", "matched")
+#: :func:`match_intensity` and :func:`highpass_intensity`).
+INTENSITIES = ("raw", "standardized", "matched", "highpass")
 #: Mean and spread every image is brought to by ``intensity="standardized"``: about those of
 #: a natural photograph in [0, 1], so the ImageNet statistics still fit.
 STANDARD_MEAN, STANDARD_STD = 0.45, 0.15
@@ -181,6 +182,40 @@ def standardize_intensity(images: torch.Tensor) -> torch.Tensor:
     mean = images.mean(dim=(1, 2, 3), keepdim=True)
     std = images.std(dim=(1, 2, 3), keepdim=True)
     return ((images - mean) / (std + 1e-3) * STANDARD_STD + STANDARD_MEAN).clamp(0, 1)
+
+
+#: Blur of ``intensity="highpass"``: the Gaussian sigma as a fraction of the image width (8 px
+#: at 256). PatchCore ``fewshot`` preset, magnetic tile, 16 good images with flips, image
+#: AUROC over 3 random draws: sigma 4 / 8 / 16 / 32 px 0.847 / 0.845 / 0.835 / 0.840 against
+#: 0.798 raw and 0.812 standardized; dividing also by the local spread (sigma 8 / 24 / 48)
+#: 0.819 / 0.833 / 0.840. Below 8 px the blur begins to take the thin cracks' own contrast.
+HIGHPASS_SIGMA_FRACTION = 1 / 32
+
+
+def highpass_intensity(images: torch.Tensor) -> torch.Tensor:
+    """Each image of ``(B, 3, H, W)`` in [0, 1] less its blurred grey level (a Gaussian of
+    sigma :data:`HIGHPASS_SIGMA_FRACTION` of the width, reflect padding), then scaled to one
+    spread and mean (as :func:`standardize_intensity`) and clipped to [0, 1].
+
+    What is left is the image's detail, texture, edges, scratches, without its lighting:
+    brightness, contrast and shading that drifts slowly across the part. For textured
+    surfaces under lighting that changes from image to image and too few good images to
+    have seen every lighting (a new part number); the magnetic-tile good images range from
+    mean grey 49 to 207. A defect that is itself a slow change of brightness over a large
+    area fades with the lighting, and an object on a plain background loses its silhouette's
+    contrast: PatchCore with 16 screw images turned every 10 degrees scored 0.845 image
+    AUROC against 0.929 raw (one draw), and with all training images in the ``fine`` preset
+    0.960 against 0.972 matched; so never a default.
+
+    >>> x = torch.rand(1, 3, 32, 32) * 0.2
+    >>> torch.allclose(highpass_intensity(x), highpass_intensity(2 * x + 0.3), atol=1e-2)
+    True
+    """
+    sigma = HIGHPASS_SIGMA_FRACTION * int(images.shape[-1])
+    window = gaussian_window(2 * int(4 * sigma + 0.5) + 1, sigma)
+    detail = images - separable_blur(images.mean(1, keepdim=True), window)
+    spread = detail.flatten(1).std(1)[:, None, None, None]
+    return (detail / (spread + 1e-3) * STANDARD_STD + STANDARD_MEAN).clamp(0, 1)
 
 
 def intensity_statistics(images: torch.Tensor) -> torch.Tensor:
@@ -302,7 +337,8 @@ class FeatureExtractor(IntensityTreatment, nn.Module):
     requested group, so later blocks and the head cost neither time nor memory; batch norms
     are folded into the convolutions (:func:`fold_batchnorm`). Normalization happens inside,
     so callers pass the [0, 1] tensors of the model interface; with
-    ``intensity="standardized"`` each image first goes through :func:`standardize_intensity`.
+    ``intensity="standardized"`` each image first goes through :func:`standardize_intensity`
+    (``"matched"``: :func:`match_intensity`, ``"highpass"``: :func:`highpass_intensity`).
     """
 
     def __init__(self, name: str = "efficientnet_lite0", stages: tuple[int, ...] = (2, 4),
@@ -340,6 +376,8 @@ class FeatureExtractor(IntensityTreatment, nn.Module):
             images = standardize_intensity(images)
         elif self.intensity == "matched":
             images = match_intensity(images, self.intensity_reference)
+        elif self.intensity == "highpass":
+            images = highpass_intensity(images)
         x = (images - self.mean) / self.std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -76,7 +76,7 @@ class PadimConfig:
     backbone: str = "efficientnet_lite0"
     #: Block groups (strides 4, 8, 16 for EfficientNet-Lite: 24 + 40 + 112 channels).
     stages: tuple[int, ...] = (1, 2, 4)
-    #: "raw", "standardized" or "matched": as patchcore's ``intensity``.
+    #: "raw", "standardized", "matched" or "highpass": as patchcore's ``intensity``.
     intensity: str = "raw"
     #: Channels kept from the concatenated features (the paper's d = 100 for ResNet-18).
     n_features: int = 100

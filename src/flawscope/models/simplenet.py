@@ -154,7 +154,7 @@ class SimpleNetConfig:
     backbone: str = "efficientnet_lite0"
     #: Block groups whose outputs make the patch features (as patchcore's).
     stages: tuple[int, ...] = (2, 4)
-    #: "raw", "standardized" or "matched": as patchcore's ``intensity``.
+    #: "raw", "standardized", "matched" or "highpass": as patchcore's ``intensity``.
     intensity: str = "raw"
     #: Feature scaling before the adaptor: "global" (each channel to mean 0, all divided by
     #: one common standard deviation: the channels keep their relative spreads, so the noise
