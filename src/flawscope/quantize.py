@@ -175,6 +175,7 @@ def quantize_onnx(src: str | Path, dst: str | Path, calibration: torch.Tensor,
         if not nodes:
             raise FlawscopeError(f"{src} has no convolution to quantize (int8 covers the "
                                  "backbones of the feature-based models)")
+
         class Reader(_Batches, CalibrationDataReader):
             pass
 

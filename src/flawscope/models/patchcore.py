@@ -566,13 +566,14 @@ def augmented(images: torch.Tensor, degrees: int, mirror: bool) -> torch.Tensor:
     return images.flip(-1) if mirror else images
 
 
-
 def _check_choice(key: str, value: object, choices) -> None:
     """A clear error when the setting ``key`` is not one of ``choices``."""
     if value not in choices:
         names = list(choices)
         raise FlawscopeError(f"{key}={value!r}: choose "
                              f"{' or '.join(names) if len(names) == 2 else ', '.join(names)}")
+
+
 def patch_features(extractor: FeatureExtractor | EnsembleExtractor,
                    images: torch.Tensor) -> torch.Tensor:
     """``(B, 3, S, S)`` -> locally aware patch features ``(B, C, h, w)``: each group's map
