@@ -181,7 +181,13 @@ def standardize_intensity(images: torch.Tensor) -> torch.Tensor:
     """
     mean = images.mean(dim=(1, 2, 3), keepdim=True)
     std = images.std(dim=(1, 2, 3), keepdim=True)
-    return ((images - mean) / (std + 1e-3) * STANDARD_STD + STANDARD_MEAN).clamp(0, 1)
+    return _to_standard_spread(images - mean, std)
+
+
+def _to_standard_spread(centred: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+    """Images about 0 with their ``spread`` ``(B, 1, 1, 1)`` -> mean
+    :data:`STANDARD_MEAN` and spread :data:`STANDARD_STD`, clipped to [0, 1]."""
+    return (centred / (spread + 1e-3) * STANDARD_STD + STANDARD_MEAN).clamp(0, 1)
 
 
 #: Blur of ``intensity="highpass"``: the Gaussian sigma as a fraction of the image width (8 px
@@ -195,7 +201,8 @@ HIGHPASS_SIGMA_FRACTION = 1 / 32
 def highpass_intensity(images: torch.Tensor) -> torch.Tensor:
     """Each image of ``(B, 3, H, W)`` in [0, 1] less its blurred grey level (a Gaussian of
     sigma :data:`HIGHPASS_SIGMA_FRACTION` of the width, reflect padding), then scaled to one
-    spread and mean (as :func:`standardize_intensity`) and clipped to [0, 1].
+    spread and mean as in :func:`standardize_intensity` (the detail's own mean, about 0, is
+    kept) and clipped to [0, 1].
 
     What is left is the image's detail, texture, edges, scratches, without its lighting:
     brightness, contrast and shading that drifts slowly across the part. For textured
@@ -215,8 +222,7 @@ def highpass_intensity(images: torch.Tensor) -> torch.Tensor:
     sigma = HIGHPASS_SIGMA_FRACTION * int(images.shape[-1])
     window = gaussian_window(2 * int(4 * sigma + 0.5) + 1, sigma)
     detail = images - separable_blur(images.mean(1, keepdim=True), window)
-    spread = detail.flatten(1).std(1)[:, None, None, None]
-    return (detail / (spread + 1e-3) * STANDARD_STD + STANDARD_MEAN).clamp(0, 1)
+    return _to_standard_spread(detail, detail.flatten(1).std(1)[:, None, None, None])
 
 
 def intensity_statistics(images: torch.Tensor) -> torch.Tensor:
