@@ -1,9 +1,10 @@
 """Few-shot PatchCore against full-data PatchCore: image AUROC from k good images.
 
-For each category, k in ``--shots`` and ``--draws`` seeded random draws of k training images,
-PatchCore is fitted on those images with each reference augmentation of ``--augment``
-(settings of the ``fewshot`` preset otherwise) and scores the whole test set. The image
-scores of every aggregation in ``--scores`` (PatchCore's ``image_score``: ``max``,
+For each category, k in ``--shots`` and ``--draws`` seeded random draws of k training images
+(draw d drawn with seed ``1000 d + k``, so ``--first-draw 3`` adds draws 3, 4, ... to an earlier
+run's 0-2), PatchCore is fitted on those images with each reference augmentation of
+``--augment`` (settings of the ``fewshot`` preset otherwise) and scores the whole test set.
+The image scores of every aggregation in ``--scores`` (PatchCore's ``image_score``: ``max``,
 ``map_max``, or ``top:F``, the mean of the top fraction F of patch scores) come from the
 same patch distances, so they are compared on the same banks. The baseline is PatchCore's
 default preset fitted on every training image (``--full-set`` overrides it, e.g.
@@ -91,6 +92,8 @@ def main() -> None:
     ap.add_argument("--categories", default=",".join(DEV))
     ap.add_argument("--shots", default="1,4,16")
     ap.add_argument("--draws", type=int, default=3)
+    ap.add_argument("--first-draw", type=int, default=0,
+                    help="number of the first draw: adds draws to an earlier run's")
     ap.add_argument("--augment", default="flips,none,rot90+flips")
     ap.add_argument("--scores", default="max,top:0.01,top:0.05")
     ap.add_argument("--set", nargs="*", default=[], help="KEY=VALUE for the few-shot models")
@@ -135,7 +138,7 @@ def main() -> None:
             print(f"  full data ({len(category.train)} images, {full_set}): AUROC "
                   f"{auroc:.4f}, fit {fit_s:.0f} s", flush=True)
         for k in (int(v) for v in args.shots.split(",")):
-            for draw in range(args.draws):
+            for draw in range(args.first_draw, args.first_draw + args.draws):
                 rng = np.random.default_rng(1000 * draw + k)
                 chosen = sorted(rng.choice(len(category.train), k, replace=False).tolist())
                 paths = [category.train[i] for i in chosen]
