@@ -44,8 +44,8 @@ brightness and contrast, a low-contrast part stretched to a spread of at least 0
 (``augment="flips"``, ``augment_max_images=100``). On the four dev categories (256 px, AMD
 EPYC, 2 threads) it raised the mean image AUROC from 0.957 to 0.981 with coreset seed 0 and
 by 0.018 over three seeds (0.962 to 0.980: screw +0.021, magnetic tile +0.023, welding
-+0.026, toothbrush +0.003), and with seed 0 the mean AU-PRO from 0.814 to 0.823, at 4-14
-times fewer images per second.
++0.026, toothbrush +0.003; +0.017 over five seeds), and with seed 0 the mean AU-PRO from
+0.814 to 0.823, at 4-14 times fewer images per second.
 
 Middle block groups because early ones are too generic and late ones too ImageNet-specific
 and coarse (the paper's argument); for EfficientNet-Lite that is groups 2 and 4 (stride 8 and
